@@ -1,0 +1,81 @@
+"""The common shape of every model: injection, cell, head, and a trajectory call."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .. import solvers as _solvers
+from ..dynamics import DEFAULT_READOUT, Trajectory, run_dynamics
+
+
+class DEQModel(nn.Module):
+    """A deep equilibrium classifier split into its three parts (DESIGN.md §2):
+
+    * ``inject(x) -> u``: the input injection, computed once per input;
+    * ``cell(z, u) -> z'``: the map f(z; u) whose fixed point is sought, on flat [B, D] states;
+    * ``head(z, u) -> logits``: the classification head h. Plain DEQs ignore ``u``; LyaDEQ's
+      head contains the Lyapunov stability module, which evaluates the projected dynamics
+      at z and therefore needs the injection.
+
+    ``trajectory(x)`` solves from z[0] = 0 and returns every state; ``forward(x)`` returns
+    the logits of the readout state (the last-but-one by default).
+    """
+
+    #: registry name, set by the registry
+    name: str = "deq"
+    num_classes: int = 10
+    input_shape = (3, 32, 32)
+
+    def __init__(self, solver: str = "broyden", solver_kwargs: Optional[Dict[str, Any]] = None,
+                 n_steps: int = 8, readout_state: int = DEFAULT_READOUT):
+        super().__init__()
+        _solvers.create_solver(solver, **(solver_kwargs or {}))  # validate early
+        self.solver_name = solver
+        self.solver_kwargs = dict(solver_kwargs or {})
+        self.n_steps = int(n_steps)
+        self.readout_state = int(readout_state)
+
+    # ---- the three parts --------------------------------------------------------------
+    def inject(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def cell(self, z: Tensor, u: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def head(self, z: Tensor, u: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def state_dim(self, u: Tensor) -> int:
+        """D, the size of one flat state for this injection."""
+        raise NotImplementedError
+
+    # ---- derived -------------------------------------------------------------------------
+    def initial_state(self, u: Tensor) -> Tensor:
+        """z[0] = 0 (paper 1, Sec. 3.2.1)."""
+        return u.new_zeros(u.shape[0], self.state_dim(u))
+
+    def make_solver(self, name: Optional[str] = None, **overrides) -> _solvers.Solver:
+        if name is None:
+            return _solvers.create_solver(self.solver_name, **{**self.solver_kwargs, **overrides})
+        return _solvers.create_solver(name, **overrides)
+
+    def trajectory(self, x: Tensor, solver: Optional[_solvers.Solver] = None,
+                   n_steps: Optional[int] = None, tol: Optional[float] = None) -> Trajectory:
+        return run_dynamics(self, x, solver=solver, n_steps=n_steps, tol=tol)
+
+    def forward(self, x: Tensor, state: Optional[int] = None) -> Tensor:
+        """Logits from the readout state (no gradient flows through the solver)."""
+        with torch.no_grad():
+            traj = self.trajectory(x)
+        k = traj.index(self.readout_state if state is None else state)
+        return self.head(traj.states[k], traj.injections[k])
+
+    def config(self) -> Dict[str, Any]:
+        """The constructor arguments, enough to rebuild the model (stored in checkpoints)."""
+        return dict(getattr(self, "_config", {}))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
