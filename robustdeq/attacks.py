@@ -19,8 +19,15 @@ def project_linf(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
     return torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0.0, 1.0)
 
 
-def pgd_linf(loss_fn: LossFn, x: Tensor, eps: float = 8 / 255, step_size: float = 2 / 255, steps: int = 10,
-             random_start: bool = True, generator: Optional[torch.Generator] = None) -> Tensor:
+def pgd_linf(
+    loss_fn: LossFn,
+    x: Tensor,
+    eps: float = 8 / 255,
+    step_size: float = 2 / 255,
+    steps: int = 10,
+    random_start: bool = True,
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
     """Projected gradient ascent (Madry et al.) on ``loss_fn(x_adv)`` (a per-sample [B] loss).
 
     Uniform random start in the eps-ball when ``random_start``; sign steps of ``step_size``.
@@ -30,8 +37,11 @@ def pgd_linf(loss_fn: LossFn, x: Tensor, eps: float = 8 / 255, step_size: float 
         raise ValueError("eps, step_size and steps must be non-negative")
     x = x.detach()
     if random_start and eps > 0:
-        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) if generator is not None \
+        noise = (
+            torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            if generator is not None
             else torch.rand_like(x)
+        )
         x_adv = project_linf(x + (2 * noise - 1) * eps, x, eps)
     else:
         x_adv = x.clone()

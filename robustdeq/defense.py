@@ -28,8 +28,14 @@ if TYPE_CHECKING:  # pragma: no cover
 PAPER_DEFAULTS = dict(T_f=2, R=10, beta=2 / 255, eps=8 / 255)
 Number = Union[int, float, Tensor]
 
-__all__ = ["PAPER_DEFAULTS", "DefenseResult", "entropy_reduction", "gated_entropy_reduction", "entropy_descent",
-           "per_sample"]
+__all__ = [
+    "PAPER_DEFAULTS",
+    "DefenseResult",
+    "entropy_reduction",
+    "gated_entropy_reduction",
+    "entropy_descent",
+    "per_sample",
+]
 
 
 def per_sample(value: Number, batch: int, dtype: torch.dtype, device, name: str) -> Tensor:
@@ -69,8 +75,9 @@ class DefenseResult:
         return self.plain.entropy(k) - self.trajectory.entropy(k)
 
 
-def entropy_descent(model: "DEQModel", z: Tensor, x: Tensor, x_orig: Tensor, R: Tensor, beta: Tensor,
-                    eps: Tensor) -> Tensor:
+def entropy_descent(
+    model: "DEQModel", z: Tensor, x: Tensor, x_orig: Tensor, R: Tensor, beta: Tensor, eps: Tensor
+) -> Tensor:
     """Paper 1, Eq. 8: up to ``R[b]`` sign steps on the input lowering H(h(f(z; x))), z fixed.
 
     Returns the new input, projected to the eps-box around ``x_orig`` and to [0, 1].
@@ -102,9 +109,17 @@ def entropy_descent(model: "DEQModel", z: Tensor, x: Tensor, x_orig: Tensor, R: 
     return x
 
 
-def entropy_reduction(model: "DEQModel", x: Tensor, T_f: Number = 2, R: Number = 10, beta: Number = 2 / 255,
-                      eps: Number = 8 / 255, n_steps: Optional[int] = None,
-                      solver: Optional[_solvers.Solver] = None, with_plain: bool = True) -> DefenseResult:
+def entropy_reduction(
+    model: "DEQModel",
+    x: Tensor,
+    T_f: Number = 2,
+    R: Number = 10,
+    beta: Number = 2 / 255,
+    eps: Number = 8 / 255,
+    n_steps: Optional[int] = None,
+    solver: Optional[_solvers.Solver] = None,
+    with_plain: bool = True,
+) -> DefenseResult:
     """Algorithm 1 of paper 1 on a batch; settings are scalars or per-sample [B] tensors.
 
     ``R = 0`` (for a sample) reproduces the plain solve bit for bit. ``with_plain``
@@ -163,9 +178,17 @@ def entropy_reduction(model: "DEQModel", x: Tensor, T_f: Number = 2, R: Number =
     return DefenseResult(trajectory=traj, plain=plain, x_defended=x_cur, ran=ran, perturbation=perturbation)
 
 
-def gated_entropy_reduction(model: "DEQModel", x: Tensor, threshold: Number, gate_state: int = DEFAULT_READOUT,
-                            T_f: Number = 2, R: Number = 10, beta: Number = 2 / 255, eps: Number = 8 / 255,
-                            n_steps: Optional[int] = None) -> DefenseResult:
+def gated_entropy_reduction(
+    model: "DEQModel",
+    x: Tensor,
+    threshold: Number,
+    gate_state: int = DEFAULT_READOUT,
+    T_f: Number = 2,
+    R: Number = 10,
+    beta: Number = 2 / 255,
+    eps: Number = 8 / 255,
+    n_steps: Optional[int] = None,
+) -> DefenseResult:
     """Run Algorithm 1 only where the plain entropy at ``gate_state`` exceeds ``threshold``.
 
     The plain dynamics are always computed (they are the answer for the others, who
@@ -186,8 +209,10 @@ def gated_entropy_reduction(model: "DEQModel", x: Tensor, threshold: Number, gat
     traj = plain
     if bool(trigger.any()):
         idx = trigger.nonzero().squeeze(1)
-        settings = {k: per_sample(v, B, torch.long if k in ("T_f", "R") else x.dtype, dev, k)[idx]
-                    for k, v in dict(T_f=T_f, R=R, beta=beta, eps=eps).items()}
+        settings = {
+            k: per_sample(v, B, torch.long if k in ("T_f", "R") else x.dtype, dev, k)[idx]
+            for k, v in dict(T_f=T_f, R=R, beta=beta, eps=eps).items()
+        }
         sub = entropy_reduction(model, x[idx], n_steps=n_steps, with_plain=False, **settings)
         traj = plain.replaced(idx, sub.trajectory)
         x_def[idx] = sub.x_defended

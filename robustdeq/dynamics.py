@@ -121,13 +121,19 @@ class Trajectory:
         return out
 
     def detach(self) -> "Trajectory":
-        out = Trajectory(self.model, [s.detach() for s in self.states], self.residuals.detach(),
-                         [u.detach() for u in self.injections])
+        out = Trajectory(
+            self.model,
+            [s.detach() for s in self.states],
+            self.residuals.detach(),
+            [u.detach() for u in self.injections],
+        )
         out._logits = {k: v.detach() for k, v in self._logits.items()}
         return out
 
     def __repr__(self) -> str:
-        return f"Trajectory(batch={self.batch_size}, N={self.n_steps}, final residual={self.residuals[:, -1].mean():.3g})"
+        return (
+            f"Trajectory(batch={self.batch_size}, N={self.n_steps}, final residual={self.residuals[:, -1].mean():.3g})"
+        )
 
 
 def run_dynamics(

@@ -77,9 +77,7 @@ class Solver:
     name = "base"
 
     def init(self, z0: Tensor, fz0: Tensor) -> SolverState:
-        state = SolverState(
-            z=z0, fz=fz0, step=torch.zeros(z0.shape[0], dtype=torch.long, device=z0.device)
-        )
+        state = SolverState(z=z0, fz=fz0, step=torch.zeros(z0.shape[0], dtype=torch.long, device=z0.device))
         state.memory = self._allocate(z0)
         return state
 

@@ -9,26 +9,60 @@ from .deq import SingleScaleDEQ
 from .lyadeq import LyaDEQ
 from .mdeq import MDEQ
 
-__all__ = ["DEQModel", "SingleScaleDEQ", "MDEQ", "LyaDEQ", "MODEL_PRESETS", "create_model", "list_models", "model_from_config"]
+__all__ = [
+    "DEQModel",
+    "SingleScaleDEQ",
+    "MDEQ",
+    "LyaDEQ",
+    "MODEL_PRESETS",
+    "create_model",
+    "list_models",
+    "model_from_config",
+]
 
 #: name -> (class, default constructor arguments, one-line description)
 MODEL_PRESETS: Dict[str, tuple] = {
     "deq-tiny": (
         SingleScaleDEQ,
-        dict(channels=32, stem_channels=24, downsample=1, expansion=1, num_groups=4, wnorm=False,
-             solver="broyden", solver_kwargs={"m": 8}, n_steps=8),
+        dict(
+            channels=32,
+            stem_channels=24,
+            downsample=1,
+            expansion=1,
+            num_groups=4,
+            wnorm=False,
+            solver="broyden",
+            solver_kwargs={"m": 8},
+            n_steps=8,
+        ),
         "single-scale conv DEQ, 32x16x16 state, Broyden N=8: the CPU configuration",
     ),
     "mdeq-small": (
         MDEQ,
-        dict(channels=(8, 16, 32, 64), head_channels=(4, 8, 16, 32), final_channels=200, expansion=5,
-             num_groups=4, solver="broyden", solver_kwargs={"m": 8}, n_steps=8),
+        dict(
+            channels=(8, 16, 32, 64),
+            head_channels=(4, 8, 16, 32),
+            final_channels=200,
+            expansion=5,
+            num_groups=4,
+            solver="broyden",
+            solver_kwargs={"m": 8},
+            n_steps=8,
+        ),
         "multiscale MDEQ, 4 scales 8/16/32/64 channels (GPU)",
     ),
     "mdeq-large": (
         MDEQ,
-        dict(channels=(32, 64, 128, 256), head_channels=(14, 28, 56, 112), final_channels=1680, expansion=5,
-             num_groups=8, solver="broyden", solver_kwargs={"m": 8}, n_steps=8),
+        dict(
+            channels=(32, 64, 128, 256),
+            head_channels=(14, 28, 56, 112),
+            final_channels=1680,
+            expansion=5,
+            num_groups=8,
+            solver="broyden",
+            solver_kwargs={"m": 8},
+            n_steps=8,
+        ),
         "paper 1's DEQ-Large: 4 scales 32/64/128/256, head 14/28/56/112, final 1680 (GPU)",
     ),
     "lyadeq-tiny": (
@@ -68,4 +102,3 @@ def model_from_config(config: Dict[str, Any]) -> DEQModel:
     """Rebuild a model from :meth:`DEQModel.config` output."""
     config = dict(config)
     return create_model(config.pop("name"), **config)
-

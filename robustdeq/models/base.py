@@ -29,8 +29,13 @@ class DEQModel(nn.Module):
     num_classes: int = 10
     input_shape = (3, 32, 32)
 
-    def __init__(self, solver: str = "broyden", solver_kwargs: Optional[Dict[str, Any]] = None,
-                 n_steps: int = 8, readout_state: int = DEFAULT_READOUT):
+    def __init__(
+        self,
+        solver: str = "broyden",
+        solver_kwargs: Optional[Dict[str, Any]] = None,
+        n_steps: int = 8,
+        readout_state: int = DEFAULT_READOUT,
+    ):
         super().__init__()
         _solvers.create_solver(solver, **(solver_kwargs or {}))  # validate early
         self.solver_name = solver
@@ -62,8 +67,13 @@ class DEQModel(nn.Module):
             return _solvers.create_solver(self.solver_name, **{**self.solver_kwargs, **overrides})
         return _solvers.create_solver(name, **overrides)
 
-    def trajectory(self, x: Tensor, solver: Optional[_solvers.Solver] = None,
-                   n_steps: Optional[int] = None, tol: Optional[float] = None) -> Trajectory:
+    def trajectory(
+        self,
+        x: Tensor,
+        solver: Optional[_solvers.Solver] = None,
+        n_steps: Optional[int] = None,
+        tol: Optional[float] = None,
+    ) -> Trajectory:
         return run_dynamics(self, x, solver=solver, n_steps=n_steps, tol=tol)
 
     def forward(self, x: Tensor, state: Optional[int] = None) -> Tensor:

@@ -32,8 +32,9 @@ class InjectedResidualBlock(nn.Module):
     (Bai et al., MDEQ; paper 1 Appendix A uses this block in every branch).
     """
 
-    def __init__(self, channels: int, expansion: int = 1, num_groups: int = 8, wnorm: bool = True,
-                 dropout: float = 0.0):
+    def __init__(
+        self, channels: int, expansion: int = 1, num_groups: int = 8, wnorm: bool = True, dropout: float = 0.0
+    ):
         super().__init__()
         inner = channels * expansion
         self.conv1 = conv3x3(channels, inner, wnorm=wnorm)
@@ -63,13 +64,18 @@ class Bottleneck(nn.Module):
         super().__init__()
         cout = planes * self.expansion
         self.body = nn.Sequential(
-            nn.Conv2d(cin, planes, 1, bias=False), nn.BatchNorm2d(planes), nn.ReLU(inplace=True),
-            nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(planes),
+            nn.Conv2d(cin, planes, 1, bias=False),
+            nn.BatchNorm2d(planes),
             nn.ReLU(inplace=True),
-            nn.Conv2d(planes, cout, 1, bias=False), nn.BatchNorm2d(cout),
+            nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(planes),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(planes, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
         )
         self.shortcut = (
-            nn.Identity() if cin == cout and stride == 1
+            nn.Identity()
+            if cin == cout and stride == 1
             else nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
         )
 
@@ -83,11 +89,15 @@ class BasicResidual(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int = 1):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-            nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+            nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
         )
         self.shortcut = (
-            nn.Identity() if cin == cout and stride == 1
+            nn.Identity()
+            if cin == cout and stride == 1
             else nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
         )
 

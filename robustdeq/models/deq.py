@@ -31,15 +31,30 @@ class SingleScaleDEQ(DEQModel):
     The state is C x R x R with R = 32 / 2**downsample; z has D = C * R * R entries.
     """
 
-    def __init__(self, channels: int = 32, stem_channels: int = 24, downsample: int = 1, expansion: int = 1,
-                 num_groups: int = 4, wnorm: bool = False, num_classes: int = 10, solver: str = "broyden",
-                 solver_kwargs=None, n_steps: int = 8, readout_state: int = -2):
+    def __init__(
+        self,
+        channels: int = 32,
+        stem_channels: int = 24,
+        downsample: int = 1,
+        expansion: int = 1,
+        num_groups: int = 4,
+        wnorm: bool = False,
+        num_classes: int = 10,
+        solver: str = "broyden",
+        solver_kwargs=None,
+        n_steps: int = 8,
+        readout_state: int = -2,
+    ):
         super().__init__(solver=solver, solver_kwargs=solver_kwargs, n_steps=n_steps, readout_state=readout_state)
         self.num_classes = num_classes
         self.channels = channels
-        self.resolution = 32 // (2 ** downsample)
-        layers = [Normalize(), conv3x3(3, stem_channels, bias=False), nn.GroupNorm(groups_for(stem_channels, num_groups),
-                                                                                   stem_channels), nn.ReLU()]
+        self.resolution = 32 // (2**downsample)
+        layers = [
+            Normalize(),
+            conv3x3(3, stem_channels, bias=False),
+            nn.GroupNorm(groups_for(stem_channels, num_groups), stem_channels),
+            nn.ReLU(),
+        ]
         cin = stem_channels
         for i in range(downsample):
             cout = channels if i == downsample - 1 else stem_channels

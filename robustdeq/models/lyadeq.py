@@ -112,7 +112,11 @@ class TinyFeatures(nn.Module):
         super().__init__()
         layers, cin = [], 3
         for i, w in enumerate(widths):
-            layers += [nn.Conv2d(cin, w, 3, stride=1 if i == 0 else 2, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU()]
+            layers += [
+                nn.Conv2d(cin, w, 3, stride=1 if i == 0 else 2, padding=1, bias=False),
+                nn.BatchNorm2d(w),
+                nn.ReLU(),
+            ]
             cin = w
         self.body = nn.Sequential(*layers)
         self.proj = nn.Linear(cin, dim)
@@ -122,12 +126,29 @@ class TinyFeatures(nn.Module):
 
 
 class LyaDEQ(DEQModel):
-    def __init__(self, backbone: str = "tiny", dim: int = 64, hidden: int = 128, icnn_hidden: int = 64,
-                 alpha: float = 0.1, eta: float = 1e-3, smooth_d: float = 0.1, stability_steps: int = 1,
-                 step_size: float = 1.0, num_classes: int = 10, solver: str = "anderson", solver_kwargs=None,
-                 n_steps: int = 30, readout_state: int = -2):
-        super().__init__(solver=solver, solver_kwargs=solver_kwargs if solver_kwargs is not None else {"m": 5},
-                         n_steps=n_steps, readout_state=readout_state)
+    def __init__(
+        self,
+        backbone: str = "tiny",
+        dim: int = 64,
+        hidden: int = 128,
+        icnn_hidden: int = 64,
+        alpha: float = 0.1,
+        eta: float = 1e-3,
+        smooth_d: float = 0.1,
+        stability_steps: int = 1,
+        step_size: float = 1.0,
+        num_classes: int = 10,
+        solver: str = "anderson",
+        solver_kwargs=None,
+        n_steps: int = 30,
+        readout_state: int = -2,
+    ):
+        super().__init__(
+            solver=solver,
+            solver_kwargs=solver_kwargs if solver_kwargs is not None else {"m": 5},
+            n_steps=n_steps,
+            readout_state=readout_state,
+        )
         if backbone not in ("tiny", "resnet20"):
             raise ValueError(f"unknown LyaDEQ backbone {backbone!r}; choose 'tiny' or 'resnet20'")
         if stability_steps < 1:

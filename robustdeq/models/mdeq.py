@@ -40,15 +40,19 @@ class _Fuse(nn.Module):
                 for k in range(i - j):
                     last = k == i - j - 1
                     cout = ci if last else cj
-                    layers += [conv3x3(c, cout, stride=2, wnorm=wnorm), nn.GroupNorm(groups_for(cout, num_groups), cout)]
+                    layers += [
+                        conv3x3(c, cout, stride=2, wnorm=wnorm),
+                        nn.GroupNorm(groups_for(cout, num_groups), cout),
+                    ]
                     if not last:
                         layers.append(nn.ReLU())
                     c = cout
                 paths.append(nn.Sequential(*layers))
         self.paths = nn.ModuleList(paths)
         c = channels[i]
-        self.post = nn.Sequential(nn.ReLU(), conv1x1(c, c, wnorm=wnorm),
-                                  nn.GroupNorm(groups_for(c, max(1, num_groups // 2)), c))
+        self.post = nn.Sequential(
+            nn.ReLU(), conv1x1(c, c, wnorm=wnorm), nn.GroupNorm(groups_for(c, max(1, num_groups // 2)), c)
+        )
 
     def forward(self, xs: Sequence[Tensor]) -> Tensor:
         target = xs[self.i].shape[-1]
@@ -64,30 +68,49 @@ class _Fuse(nn.Module):
 
 
 class MDEQ(DEQModel):
-    def __init__(self, channels: Sequence[int] = (32, 64, 128, 256), head_channels: Sequence[int] = (14, 28, 56, 112),
-                 final_channels: int = 1680, expansion: int = 5, num_groups: int = 8, wnorm: bool = True,
-                 dropout: float = 0.0, num_classes: int = 10, solver: str = "broyden", solver_kwargs=None,
-                 n_steps: int = 8, readout_state: int = -2):
+    def __init__(
+        self,
+        channels: Sequence[int] = (32, 64, 128, 256),
+        head_channels: Sequence[int] = (14, 28, 56, 112),
+        final_channels: int = 1680,
+        expansion: int = 5,
+        num_groups: int = 8,
+        wnorm: bool = True,
+        dropout: float = 0.0,
+        num_classes: int = 10,
+        solver: str = "broyden",
+        solver_kwargs=None,
+        n_steps: int = 8,
+        readout_state: int = -2,
+    ):
         super().__init__(solver=solver, solver_kwargs=solver_kwargs, n_steps=n_steps, readout_state=readout_state)
         if len(channels) != len(head_channels):
             raise ValueError("channels and head_channels need one entry per scale")
         self.num_classes = num_classes
         self.channels = list(channels)
-        self.resolutions = [32 // 2 ** i for i in range(len(channels))]
+        self.resolutions = [32 // 2**i for i in range(len(channels))]
         c0 = self.channels[0]
         self.stem = nn.Sequential(
             Normalize(),
-            nn.Conv2d(3, c0, 3, padding=1, bias=False), nn.BatchNorm2d(c0), nn.ReLU(),
-            nn.Conv2d(c0, c0, 3, padding=1, bias=False), nn.BatchNorm2d(c0),
+            nn.Conv2d(3, c0, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c0),
+            nn.ReLU(),
+            nn.Conv2d(c0, c0, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c0),
         )
-        self.blocks = nn.ModuleList(InjectedResidualBlock(c, expansion=expansion, num_groups=num_groups, wnorm=wnorm,
-                                                          dropout=dropout) for c in self.channels)
+        self.blocks = nn.ModuleList(
+            InjectedResidualBlock(c, expansion=expansion, num_groups=num_groups, wnorm=wnorm, dropout=dropout)
+            for c in self.channels
+        )
         self.fuse = nn.ModuleList(_Fuse(self.channels, i, num_groups, wnorm) for i in range(len(self.channels)))
         heads = [hc * Bottleneck.expansion for hc in head_channels]
         self.incre = nn.ModuleList(Bottleneck(c, hc) for c, hc in zip(self.channels, head_channels))
         self.downsamp = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(heads[i], heads[i + 1], 3, stride=2, padding=1), nn.BatchNorm2d(heads[i + 1]),
-                          nn.ReLU()) for i in range(len(heads) - 1))
+            nn.Sequential(
+                nn.Conv2d(heads[i], heads[i + 1], 3, stride=2, padding=1), nn.BatchNorm2d(heads[i + 1]), nn.ReLU()
+            )
+            for i in range(len(heads) - 1)
+        )
         self.final = nn.Sequential(nn.Conv2d(heads[-1], final_channels, 1), nn.BatchNorm2d(final_channels), nn.ReLU())
         self.classifier = nn.Linear(final_channels, num_classes)
         self._sizes = [c * r * r for c, r in zip(self.channels, self.resolutions)]

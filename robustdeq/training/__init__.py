@@ -7,6 +7,7 @@ from .blocks import (
     jacobian_regularizer,
     phantom_forward,
 )
+from .quick import augment, train_clean
 from .steps import AdversarialStepConfig, adversarial_training_step
 
 __all__ = [
@@ -16,4 +17,6 @@ __all__ = [
     "phantom_forward",
     "AdversarialStepConfig",
     "adversarial_training_step",
+    "augment",
+    "train_clean",
 ]

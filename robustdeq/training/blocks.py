@@ -22,8 +22,14 @@ class PhantomOutput:
     injection: Tensor  # u = inject(x), differentiable
 
 
-def phantom_forward(model: "DEQModel", x: Tensor, n_steps: Optional[int] = None, unroll: int = 5, tau: float = 0.5,
-                    solver: Optional[_solvers.Solver] = None) -> PhantomOutput:
+def phantom_forward(
+    model: "DEQModel",
+    x: Tensor,
+    n_steps: Optional[int] = None,
+    unroll: int = 5,
+    tau: float = 0.5,
+    solver: Optional[_solvers.Solver] = None,
+) -> PhantomOutput:
     """Solve ``n_steps`` without gradient, then a differentiable damped unroll
     (phantom gradient, DESIGN.md §4: w0 = f(z*), K = ``unroll`` steps of size ``tau``).
 
@@ -51,16 +57,20 @@ def draw_intermediate_step(n_steps: int, generator: Optional[torch.Generator] = 
     return int(torch.randint(1, n_steps + 1, (1,), generator=generator).item())
 
 
-def jacobian_regularizer(model: "DEQModel", z: Tensor, u: Tensor, n_vectors: int = 1,
-                         generator: Optional[torch.Generator] = None) -> Tensor:
+def jacobian_regularizer(
+    model: "DEQModel", z: Tensor, u: Tensor, n_vectors: int = 1, generator: Optional[torch.Generator] = None
+) -> Tensor:
     """Hutchinson estimate of ||J_f(z)||_F^2 / D at z (Bai et al. 2021), differentiable
     w.r.t. the parameters; ``z`` is treated as a constant point."""
     z = z.detach().requires_grad_(True)
     fz = model.cell(z, u)
     total = fz.new_zeros(())
     for _ in range(n_vectors):
-        v = torch.randn(fz.shape, generator=generator, dtype=fz.dtype, device=fz.device) if generator is not None \
+        v = (
+            torch.randn(fz.shape, generator=generator, dtype=fz.dtype, device=fz.device)
+            if generator is not None
             else torch.randn_like(fz)
+        )
         (vj,) = torch.autograd.grad(fz, z, v, create_graph=True)
         total = total + vj.pow(2).sum() / vj.numel()
     return total / n_vectors

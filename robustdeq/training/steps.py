@@ -28,9 +28,15 @@ class AdversarialStepConfig:
     jacobian_weight: float = 0.0
 
 
-def adversarial_training_step(model: "DEQModel", optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor,
-                              cfg: AdversarialStepConfig, n_steps: Optional[int] = None,
-                              generator: Optional[torch.Generator] = None) -> Dict[str, float]:
+def adversarial_training_step(
+    model: "DEQModel",
+    optimizer: torch.optim.Optimizer,
+    x: Tensor,
+    y: Tensor,
+    cfg: AdversarialStepConfig,
+    n_steps: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+) -> Dict[str, float]:
     """Craft PGD examples in eval mode, then one optimiser step on their loss.
 
     ``n_steps`` selects the state the loss reads (None = N; a draw from U{1..N} gives
@@ -51,4 +57,8 @@ def adversarial_training_step(model: "DEQModel", optimizer: torch.optim.Optimize
     total.backward()
     optimizer.step()
     acc = (out.logits.argmax(1) == y).float().mean()
-    return {"loss": float(loss), "adv_acc": float(acc), "jacobian": float(jac) if jac is not None else 0.0}
+    return {
+        "loss": float(loss.detach()),
+        "adv_acc": float(acc),
+        "jacobian": float(jac.detach()) if jac is not None else 0.0,
+    }

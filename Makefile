@@ -1,0 +1,38 @@
+# RobustDEQ Serve: the two newcomer commands are `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint format bench clean help
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+setup: $(STAMP)  ## create .venv and install the package with its pinned dependencies
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+demo: setup  ## the main job (until serving lands): classify test images, show the dynamics and the defense
+	$(VENV)/bin/robustdeq demo
+
+test: setup  ## lint and run the test suite
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest
+
+lint: setup  ## ruff only
+	$(VENV)/bin/ruff check .
+
+format: setup  ## auto-format with ruff
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: setup  ## the speed table of the README (deq-tiny, batch 64, T_f x R grid, training step)
+	$(VENV)/bin/robustdeq bench --train-step --repeats 5 --out runs/bench/deq-tiny.json
+
+clean:  ## remove the virtual environment and caches
+	rm -rf $(VENV) .pytest_cache .ruff_cache runs *.egg-info

@@ -1,0 +1,153 @@
+"""``robustdeq bench``: throughput of plain inference and of the defense (paper 1, Table 10 grid).
+
+Everything is timed in one process on one batch, as medians over repeats, and compared
+with the defense's operation-count floor (DESIGN.md §3):
+
+    floor(T_f, R) = N * t_f  +  floor(N / T_f) * R * t_step
+
+where t_f is one forward of the cell f on the batch and t_step one entropy-gradient step
+(injection + f + head forward, backward to the input) - the unit of work Eq. 8 repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+
+from .defense import entropy_reduction
+from .dynamics import prediction_entropy
+from .models import create_model
+
+
+def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _batch(args, batch_size: int) -> torch.Tensor:
+    try:
+        from .data import load_cifar10
+
+        test = load_cifar10("test", source=args.data, progress=False)
+        idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:batch_size]
+        return test.float_images(idx)
+    except (FileNotFoundError, RuntimeError, OSError):
+        return torch.rand(batch_size, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = create_model(args.model).eval()
+    B, N = args.batch_size, model.n_steps
+    x = _batch(args, B)
+    with torch.no_grad():
+        u = model.inject(x)
+        z = model.trajectory(x).states[-1]
+
+    def cell_forward():
+        with torch.no_grad():
+            model.cell(z, u)
+
+    def entropy_step():
+        with torch.enable_grad():
+            xa = x.detach().requires_grad_(True)
+            ua = model.inject(xa)
+            h = prediction_entropy(model.head(model.cell(z, ua), ua)).sum()
+            torch.autograd.grad(h, xa)
+
+    def plain():
+        with torch.no_grad():
+            model.trajectory(x).logits(model.readout_state)
+
+    reps = args.repeats
+    t_f = median_time(cell_forward, max(5, reps * 3))
+    t_step = median_time(entropy_step, max(5, reps * 3))
+    t_plain = median_time(plain, reps)
+    results: Dict[str, object] = {
+        "model": args.model,
+        "batch_size": B,
+        "N": N,
+        "threads": torch.get_num_threads(),
+        "parameters": model.num_parameters(),
+        "t_f_forward_s": t_f,
+        "t_entropy_step_s": t_step,
+        "plain_samples_per_s": B / t_plain,
+        "plain_s": t_plain,
+        "defense": [],
+    }
+    grid = [(tf, r) for tf in args.T_f for r in args.R]
+    for tf, r in tqdm(grid, desc="defense grid", unit="setting"):
+        t = median_time(lambda tf=tf, r=r: entropy_reduction(model, x, T_f=tf, R=r, with_plain=False), reps)
+        floor = N * t_f + (N // tf) * r * t_step
+        results["defense"].append(
+            {
+                "T_f": tf,
+                "R": r,
+                "seconds": t,
+                "samples_per_s": B / t,
+                "slowdown_vs_plain": t / t_plain,
+                "floor_s": floor,
+                "ratio_to_floor": t / floor,
+            }
+        )
+    if args.train_step:
+        from .training import AdversarialStepConfig, adversarial_training_step
+
+        train_model = create_model(args.model)
+        opt = torch.optim.Adam(train_model.parameters(), lr=1e-3)
+        y = torch.randint(0, model.num_classes, (B,), generator=torch.Generator().manual_seed(1))
+        cfg = AdversarialStepConfig()
+        t_train = median_time(lambda: adversarial_training_step(train_model, opt, x, y, cfg), max(reps, 5))
+        results["adv_train_step_s"] = t_train
+        results["adv_train_samples_per_s"] = B / t_train
+    print(render_markdown(results))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2))
+        out.with_suffix(".md").write_text(render_markdown(results) + "\n")
+        print(f"\nwrote {out} and {out.with_suffix('.md')}")
+    return 0
+
+
+def render_markdown(r: Dict[str, object]) -> str:
+    lines: List[str] = [
+        f"model `{r['model']}` ({r['parameters']:,} parameters), batch {r['batch_size']}, N = {r['N']}, "
+        f"{r['threads']} threads, medians",
+        "",
+        f"- one f forward: {r['t_f_forward_s'] * 1e3:.2f} ms; one entropy-gradient step "
+        f"(inject + f + head, forward + backward to x): {r['t_entropy_step_s'] * 1e3:.2f} ms",
+        f"- plain inference (N + 1 f-evaluations + head): {r['plain_samples_per_s']:.0f} samples/s",
+    ]
+    if "adv_train_samples_per_s" in r:
+        lines.append(
+            f"- one PGD-10 adversarial-training step (phantom gradient K = 5): "
+            f"{r['adv_train_samples_per_s']:.1f} samples/s"
+        )
+    lines += [
+        "",
+        "| T_f | R | samples/s | slowdown vs plain | floor (ms) | measured / floor |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for d in r["defense"]:
+        lines.append(
+            f"| {d['T_f']} | {d['R']} | {d['samples_per_s']:.1f} | {d['slowdown_vs_plain']:.1f}x | "
+            f"{d['floor_s'] * 1e3:.0f} | {d['ratio_to_floor']:.2f} |"
+        )
+    return "\n".join(lines)

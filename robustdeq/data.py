@@ -1,0 +1,172 @@
+"""CIFAR-10 from three sources, all returned as uint8 tensors [N, 3, 32, 32] + int64 labels.
+
+* the JPEG archive of ``../shared/data`` (``train/<class>/NNNN.jpg``, ``test/...``),
+  decoded once into a cached tensor file (it never decodes 60,000 JPEGs twice);
+* a ``cifar-10-batches-py`` folder (the official pickled batches);
+* torchvision's ``CIFAR10`` with ``download=True`` for users with internet.
+
+Pixels in the JPEG copy differ slightly from the original binaries (quality 75):
+accuracies measured on it are close to, not identical with, figures on the original data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+ARCHIVE_NAME = "cifar10-jpeg.tar.gz"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+__all__ = ["CLASSES", "Split", "load_cifar10", "default_archive", "cache_dir", "fingerprint"]
+
+
+@dataclass
+class Split:
+    images: Tensor  # uint8 [N, 3, 32, 32]
+    labels: Tensor  # int64 [N]
+    source: str
+    fingerprint: str
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def float_images(self, idx=None) -> Tensor:
+        """Images in [0, 1] as float32 (the models normalise internally)."""
+        imgs = self.images if idx is None else self.images[idx]
+        return imgs.float().div_(255.0)
+
+
+def cache_dir() -> Path:
+    """``$ROBUSTDEQ_CACHE`` or ``~/.cache/robustdeq``."""
+    path = Path(os.environ.get("ROBUSTDEQ_CACHE", Path.home() / ".cache" / "robustdeq"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def default_archive() -> Optional[Path]:
+    """``$ROBUSTDEQ_DATA`` (a file or a folder holding the archive), else ``../shared/data``."""
+    candidates = []
+    env = os.environ.get("ROBUSTDEQ_DATA")
+    if env:
+        p = Path(env)
+        candidates.append(p / ARCHIVE_NAME if p.is_dir() else p)
+    candidates.append(PROJECT_ROOT.parent / "shared" / "data" / ARCHIVE_NAME)
+    for c in candidates:
+        if c.is_file():
+            return c
+    return None
+
+
+def fingerprint(images: Tensor, labels: Tensor) -> str:
+    """A short sha256 of the exact pixels and labels (recorded in checkpoints)."""
+    h = hashlib.sha256()
+    h.update(images.contiguous().numpy().tobytes())
+    h.update(labels.contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _decode_archive(path: Path, split: str, progress: bool) -> Tuple[Tensor, Tensor]:
+    from PIL import Image
+
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+    images, labels = [], []
+    with tarfile.open(path, "r:gz") as tar:
+        members = [
+            m
+            for m in tar.getmembers()
+            if m.isfile() and m.name.startswith(f"{split}/") and m.name.lower().endswith((".jpg", ".jpeg", ".png"))
+        ]
+        if not members:
+            raise ValueError(f"{path} holds no '{split}/<class>/*.jpg' images")
+        members.sort(key=lambda m: m.name)
+        it = tqdm(members, desc=f"decoding CIFAR-10 {split}", unit="img", disable=not progress) if tqdm else members
+        for m in it:
+            cls = m.name.split("/")[1]
+            if cls not in CLASSES:
+                raise ValueError(f"unexpected class folder {cls!r} in {path}")
+            data = tar.extractfile(m).read()
+            with Image.open(io.BytesIO(data)) as img:
+                arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+            if arr.shape != (32, 32, 3):
+                raise ValueError(f"{m.name}: expected a 32x32 RGB image, got {arr.shape}")
+            images.append(arr)
+            labels.append(CLASSES.index(cls))
+    imgs = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    return imgs, torch.tensor(labels, dtype=torch.int64)
+
+
+def _load_batches_py(folder: Path, split: str) -> Tuple[Tensor, Tensor]:
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    images, labels = [], []
+    for name in names:
+        with open(folder / name, "rb") as fh:
+            entry = pickle.load(fh, encoding="latin1")
+        images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.extend(entry.get("labels", entry.get("fine_labels")))
+    return torch.from_numpy(np.concatenate(images)), torch.tensor(labels, dtype=torch.int64)
+
+
+def load_cifar10(
+    split: str = "test", source: Optional[str] = None, root: Optional[str] = None, progress: bool = True
+) -> Split:
+    """Load a CIFAR-10 split ('train' or 'test').
+
+    ``source`` is a path to the JPEG archive or to a ``cifar-10-batches-py`` folder, or
+    ``"torchvision"`` (downloads into ``root``); by default the JPEG archive found by
+    :func:`default_archive`, else torchvision.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if source is None:
+        archive = default_archive()
+        source = str(archive) if archive else "torchvision"
+    if source == "torchvision":
+        import torchvision
+
+        ds = torchvision.datasets.CIFAR10(
+            root or str(cache_dir() / "torchvision"), train=split == "train", download=True
+        )
+        imgs = torch.from_numpy(np.asarray(ds.data, dtype=np.uint8)).permute(0, 3, 1, 2).contiguous()
+        labels = torch.tensor(ds.targets, dtype=torch.int64)
+        return Split(imgs, labels, "torchvision", fingerprint(imgs, labels))
+    path = Path(source)
+    if path.is_dir():
+        folder = path / "cifar-10-batches-py" if (path / "cifar-10-batches-py").is_dir() else path
+        if not (folder / "test_batch").is_file():
+            raise FileNotFoundError(f"{path} is not a cifar-10-batches-py folder (no test_batch)")
+        imgs, labels = _load_batches_py(folder, split)
+        return Split(imgs, labels, str(folder), fingerprint(imgs, labels))
+    if not path.is_file():
+        raise FileNotFoundError(f"CIFAR-10 source {path} does not exist")
+    cache = cache_dir() / f"cifar10-jpeg-{_file_digest(path)[:16]}-{split}.pt"
+    if cache.is_file():
+        blob = torch.load(cache, weights_only=True)
+        return Split(blob["images"], blob["labels"], str(path), blob["fingerprint"])
+    imgs, labels = _decode_archive(path, split, progress)
+    fp = fingerprint(imgs, labels)
+    tmp = cache.with_suffix(f".tmp{os.getpid()}")
+    torch.save({"images": imgs, "labels": labels, "fingerprint": fp}, tmp)
+    os.replace(tmp, cache)
+    return Split(imgs, labels, str(path), fp)
