@@ -101,6 +101,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from .runtime import tune_cpu_allocator
+
+    tune_cpu_allocator()
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as exc:

@@ -52,10 +52,19 @@ class SolverState:
     fz: Tensor
     step: Tensor  # [B] int64: how many committed steps each sample has taken
     memory: Dict[str, Tensor] = field(default_factory=dict)
+    _g: Optional[Tensor] = field(default=None, repr=False, compare=False)
+
+    @property
+    def g(self) -> Tensor:
+        """The residual vector g(z) = f(z) - z, computed once."""
+        if self._g is None:
+            self._g = self.fz - self.z
+        return self._g
 
     @property
     def residual(self) -> Tensor:
-        return relative_residual(self.z, self.fz)
+        """Per-sample relative residual ||f(z) - z|| / ||f(z)||."""
+        return self.g.flatten(1).norm(dim=1) / self.fz.flatten(1).norm(dim=1).clamp_min(_TINY)
 
     def select(self, idx: Tensor) -> "SolverState":
         """The sub-state of the samples ``idx`` (memory is gathered, a copy)."""
@@ -64,6 +73,7 @@ class SolverState:
             fz=self.fz[idx],
             step=self.step[idx],
             memory={k: v[idx] for k, v in self.memory.items()},
+            _g=None if self._g is None else self._g[idx],
         )
 
     def with_fz(self, fz: Tensor) -> "SolverState":
@@ -100,11 +110,13 @@ class Solver:
         The memory is updated in place for active samples only.
         """
         if active is None:
-            self._store(state, z_next, fz_next, torch.arange(state.z.shape[0], device=state.z.device))
-            return SolverState(z=z_next, fz=fz_next, step=state.step + 1, memory=state.memory)
+            new = SolverState(z=z_next, fz=fz_next, step=state.step + 1, memory=state.memory)
+            self._store(state, new, None)
+            return new
         idx = active.nonzero().squeeze(1)
         if idx.numel():
-            self._store(state.select(idx), z_next[idx], fz_next[idx], idx, full=state)
+            sub = state.select(idx)
+            self._store(sub, SolverState(z=z_next[idx], fz=fz_next[idx], step=sub.step + 1), idx, full=state)
         keep = active.view(-1, *([1] * (z_next.dim() - 1)))
         return SolverState(
             z=torch.where(keep, z_next, state.z),
@@ -113,8 +125,11 @@ class Solver:
             memory=state.memory,
         )
 
-    def _store(self, state, z_next, fz_next, idx, full=None) -> None:
-        """Write what this step learned into ``(full or state).memory`` at rows ``idx``."""
+    def _store(
+        self, state: SolverState, new: SolverState, idx: Optional[Tensor], full: Optional[SolverState] = None
+    ) -> None:
+        """Write what the step ``state -> new`` taught into ``(full or state).memory``
+        at rows ``idx`` (``None``: all rows)."""
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v}" for k, v in vars(self).items())
@@ -191,17 +206,19 @@ class Anderson(Solver):
             out = self.beta * mixed_f + (1 - self.beta) * mixed_x
         return out.view_as(state.z)
 
-    def _store(self, state, z_next, fz_next, idx, full=None) -> None:
-        target = full if full is not None else state
+    def _store(self, state, new, idx, full=None) -> None:
         if self.m == 1:
             return
-        X, F = target.memory["X"], target.memory["F"]
+        memory = (full if full is not None else state).memory
         B = state.z.shape[0]
-        # shift the window left by one and append the (old) current pair
-        newX = torch.cat([X[idx, 1:], state.z.reshape(B, 1, -1)], dim=1)
-        newF = torch.cat([F[idx, 1:], state.fz.reshape(B, 1, -1)], dim=1)
-        X[idx] = newX
-        F[idx] = newF
+        for key, current in (("X", state.z), ("F", state.fz)):
+            hist = memory[key]
+            # shift the window left by one and append the (old) current pair
+            shifted = torch.cat([hist[:, 1:] if idx is None else hist[idx, 1:], current.reshape(B, 1, -1)], dim=1)
+            if idx is None:
+                hist.copy_(shifted)
+            else:
+                hist[idx] = shifted
 
 
 class Broyden(Solver):
@@ -244,30 +261,38 @@ class Broyden(Solver):
 
     def propose(self, state: SolverState) -> Tensor:
         B = state.z.shape[0]
-        z = state.z.reshape(B, -1)
-        g = state.fz.reshape(B, -1) - z
+        z, g = state.z.reshape(B, -1), state.g.reshape(B, -1)
         n = self._filled(state)
-        dz = g if n == 0 else -self._apply(state.memory["U"][:, :n], state.memory["V"][:, :n], g)
-        return (z + self.alpha * dz).view_as(state.z)
+        # -B g = g - sum_i u_i (v_i . g)
+        dz = g if n == 0 else g - self._low_rank(state.memory["U"][:, :n], state.memory["V"][:, :n], g)
+        z_next = z + dz if self.alpha == 1.0 else z + self.alpha * dz
+        return z_next.view_as(state.z)
 
-    def _store(self, state, z_next, fz_next, idx, full=None) -> None:
-        target = full if full is not None else state
+    def _store(self, state, new, idx, full=None) -> None:
         B = state.z.shape[0]
         n = self._filled(state)
-        U, V = state.memory["U"][:, :n], state.memory["V"][:, :n]
-        z, zn = state.z.reshape(B, -1), z_next.reshape(B, -1)
-        s = zn - z
-        y = (fz_next.reshape(B, -1) - zn) - (state.fz.reshape(B, -1) - z)
-        vT = self._apply_transposed(U, V, s)  # B^T s
-        By = self._apply(U, V, y)
+        s = (new.z - state.z).reshape(B, -1)
+        y = (new.g - state.g).reshape(B, -1)
+        if n == 0:
+            vT, By = -s, -y
+        else:
+            U, V = state.memory["U"][:, :n], state.memory["V"][:, :n]
+            vT = self._low_rank(V, U, s) - s  # B^T s
+            By = self._low_rank(U, V, y) - y
         denom = (vT * y).sum(1, keepdim=True)
-        ok = (denom.abs() > _TINY).to(s.dtype)  # a degenerate step stores a zero update
-        u = (s - By) * (ok / torch.where(ok > 0, denom, torch.ones_like(denom)))
-        v = vT * ok
-        slot = state.step % self.m
-        rows = idx
-        target.memory["U"][rows, slot] = u
-        target.memory["V"][rows, slot] = v
+        ok = denom.abs() > _TINY  # a degenerate step stores a zero update (u = 0)
+        u = (s - By) * (ok.to(s.dtype) / torch.where(ok, denom, torch.ones_like(denom)))
+        memory = (full if full is not None else state).memory
+        lo, hi = int(state.step.min()), int(state.step.max())
+        if lo == hi:  # the usual case: every sample writes the same slot (plain slicing, fast)
+            rows = slice(None) if idx is None else idx
+            memory["U"][rows, lo % self.m] = u
+            memory["V"][rows, lo % self.m] = vT
+        else:
+            rows = torch.arange(B, device=s.device) if idx is None else idx
+            slot = state.step % self.m
+            memory["U"][rows, slot] = u
+            memory["V"][rows, slot] = vT
 
 
 SOLVERS: Dict[str, Type[Solver]] = {

@@ -25,9 +25,9 @@ MODEL_PRESETS: Dict[str, tuple] = {
     "deq-tiny": (
         SingleScaleDEQ,
         dict(
-            channels=32,
-            stem_channels=24,
-            downsample=1,
+            channels=48,
+            stem_channels=32,
+            downsample=2,
             expansion=1,
             num_groups=4,
             wnorm=False,
@@ -35,7 +35,7 @@ MODEL_PRESETS: Dict[str, tuple] = {
             solver_kwargs={"m": 8},
             n_steps=8,
         ),
-        "single-scale conv DEQ, 32x16x16 state, Broyden N=8: the CPU configuration",
+        "single-scale conv DEQ, 48x8x8 state, Broyden N=8: the CPU configuration",
     ),
     "mdeq-small": (
         MDEQ,

@@ -49,16 +49,12 @@ class SingleScaleDEQ(DEQModel):
         self.num_classes = num_classes
         self.channels = channels
         self.resolution = 32 // (2**downsample)
-        layers = [
-            Normalize(),
-            conv3x3(3, stem_channels, bias=False),
-            nn.GroupNorm(groups_for(stem_channels, num_groups), stem_channels),
-            nn.ReLU(),
-        ]
+        # the stem runs once per input, outside the fixed-point loop: BatchNorm as in MDEQ's stem
+        layers = [Normalize(), conv3x3(3, stem_channels, bias=False), nn.BatchNorm2d(stem_channels), nn.ReLU()]
         cin = stem_channels
         for i in range(downsample):
             cout = channels if i == downsample - 1 else stem_channels
-            layers += [conv3x3(cin, cout, stride=2), nn.GroupNorm(groups_for(cout, num_groups), cout), nn.ReLU()]
+            layers += [conv3x3(cin, cout, stride=2), nn.BatchNorm2d(cout), nn.ReLU()]
             cin = cout
         if downsample == 0:
             layers += [conv3x3(cin, channels)]
