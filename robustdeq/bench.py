@@ -76,9 +76,29 @@ def run_bench(args: argparse.Namespace) -> int:
             model.trajectory(x).logits(model.readout_state)
 
     reps = args.repeats
-    t_f = median_time(cell_forward, max(5, reps * 3))
-    t_step = median_time(entropy_step, max(5, reps * 3))
-    t_plain = median_time(plain, reps)
+    # unit timings are sampled next to every measurement, so the floor and the measured
+    # times share the machine's state (these shared machines are noisy)
+    unit_f: List[float] = []
+    unit_step: List[float] = []
+
+    def sample_units() -> None:
+        unit_f.append(median_time(cell_forward, 3, warmup=0))
+        unit_step.append(median_time(entropy_step, 3, warmup=0))
+
+    sample_units()
+    t_plain = median_time(plain, max(reps, 5))
+    runs = []
+    grid = [(tf, r) for tf in args.T_f for r in args.R]
+    for tf, r in tqdm(grid, desc="defense grid", unit="setting"):
+        times = []
+        entropy_reduction(model, x, T_f=tf, R=r, with_plain=False)  # warm-up
+        for _ in range(reps):
+            sample_units()
+            t0 = time.perf_counter()
+            entropy_reduction(model, x, T_f=tf, R=r, with_plain=False)
+            times.append(time.perf_counter() - t0)
+        runs.append((tf, r, statistics.median(times)))
+    t_f, t_step = statistics.median(unit_f), statistics.median(unit_step)
     results: Dict[str, object] = {
         "model": args.model,
         "batch_size": B,
@@ -91,9 +111,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "plain_s": t_plain,
         "defense": [],
     }
-    grid = [(tf, r) for tf in args.T_f for r in args.R]
-    for tf, r in tqdm(grid, desc="defense grid", unit="setting"):
-        t = median_time(lambda tf=tf, r=r: entropy_reduction(model, x, T_f=tf, R=r, with_plain=False), reps)
+    for tf, r, t in runs:
         floor = N * t_f + (N // tf) * r * t_step
         results["defense"].append(
             {
