@@ -55,15 +55,30 @@ class InjectedResidualBlock(nn.Module):
         return self.gn3(F.relu(out + z))
 
 
-class Bottleneck(nn.Module):
+class _ResNetBlock(nn.Module):
+    """relu(body(x) + shortcut(x)) with a projection shortcut when shape changes."""
+
+    def __init__(self, body: nn.Module, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.body = body
+        self.shortcut = (
+            nn.Identity()
+            if cin == cout and stride == 1
+            else nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.body(x) + self.shortcut(x))
+
+
+class Bottleneck(_ResNetBlock):
     """ResNet bottleneck (expansion 4), used by the MDEQ classification head."""
 
     expansion = 4
 
     def __init__(self, cin: int, planes: int, stride: int = 1):
-        super().__init__()
         cout = planes * self.expansion
-        self.body = nn.Sequential(
+        body = nn.Sequential(
             nn.Conv2d(cin, planes, 1, bias=False),
             nn.BatchNorm2d(planes),
             nn.ReLU(inplace=True),
@@ -73,33 +88,18 @@ class Bottleneck(nn.Module):
             nn.Conv2d(planes, cout, 1, bias=False),
             nn.BatchNorm2d(cout),
         )
-        self.shortcut = (
-            nn.Identity()
-            if cin == cout and stride == 1
-            else nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.relu(self.body(x) + self.shortcut(x))
+        super().__init__(body, cin, cout, stride)
 
 
-class BasicResidual(nn.Module):
+class BasicResidual(_ResNetBlock):
     """ResNet basic block (used by the ResNet-20 feature extractor of LyaDEQ)."""
 
     def __init__(self, cin: int, cout: int, stride: int = 1):
-        super().__init__()
-        self.body = nn.Sequential(
+        body = nn.Sequential(
             nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
             nn.BatchNorm2d(cout),
             nn.ReLU(inplace=True),
             nn.Conv2d(cout, cout, 3, padding=1, bias=False),
             nn.BatchNorm2d(cout),
         )
-        self.shortcut = (
-            nn.Identity()
-            if cin == cout and stride == 1
-            else nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.relu(self.body(x) + self.shortcut(x))
+        super().__init__(body, cin, cout, stride)
