@@ -11,6 +11,7 @@ accuracies measured on it are close to, not identical with, figures on the origi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -77,6 +78,13 @@ def fingerprint(images: Tensor, labels: Tensor) -> str:
 
 
 def _file_digest(path: Path) -> str:
+    """sha256 of a file, computed once per (path, size, mtime) in this process."""
+    st = path.stat()
+    return _digest_cached(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _digest_cached(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):

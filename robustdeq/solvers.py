@@ -37,9 +37,10 @@ __all__ = [
 _TINY = 1e-12
 
 
-def relative_residual(z: Tensor, fz: Tensor) -> Tensor:
-    """Per-sample ``||f(z) - z||_2 / ||f(z)||_2`` (paper 1, Fig. 2a)."""
-    num = (fz - z).flatten(1).norm(dim=1)
+def relative_residual(z: Tensor, fz: Tensor, g: Optional[Tensor] = None) -> Tensor:
+    """Per-sample ``||f(z) - z||_2 / ||f(z)||_2`` (paper 1, Fig. 2a); pass ``g = f(z) - z``
+    when it is already known."""
+    num = (fz - z if g is None else g).flatten(1).norm(dim=1)
     den = fz.flatten(1).norm(dim=1).clamp_min(_TINY)
     return num / den
 
@@ -64,7 +65,7 @@ class SolverState:
     @property
     def residual(self) -> Tensor:
         """Per-sample relative residual ||f(z) - z|| / ||f(z)||."""
-        return self.g.flatten(1).norm(dim=1) / self.fz.flatten(1).norm(dim=1).clamp_min(_TINY)
+        return relative_residual(self.z, self.fz, self.g)
 
     def select(self, idx: Tensor) -> "SolverState":
         """The sub-state of the samples ``idx`` (memory is gathered, a copy)."""
