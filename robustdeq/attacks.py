@@ -11,7 +11,15 @@ from torch import Tensor
 
 LossFn = Callable[[Tensor], Tensor]
 
-__all__ = ["pgd_linf", "project_linf"]
+__all__ = ["pgd_linf", "project_linf", "random_like"]
+
+
+def random_like(x: Tensor, generator: Optional[torch.Generator], kind: str = "uniform") -> Tensor:
+    """U[0, 1) or N(0, 1) noise shaped like ``x``, drawn on the generator's device."""
+    draw = torch.rand if kind == "uniform" else torch.randn
+    if generator is None:
+        return draw(x.shape, dtype=x.dtype, device=x.device)
+    return draw(x.shape, generator=generator, dtype=x.dtype, device=generator.device).to(x.device)
 
 
 def project_linf(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
@@ -27,22 +35,21 @@ def pgd_linf(
     steps: int = 10,
     random_start: bool = True,
     generator: Optional[torch.Generator] = None,
+    x_init: Optional[Tensor] = None,
 ) -> Tensor:
     """Projected gradient ascent (Madry et al.) on ``loss_fn(x_adv)`` (a per-sample [B] loss).
 
-    Uniform random start in the eps-ball when ``random_start``; sign steps of ``step_size``.
-    Returns a detached adversarial batch inside the eps-ball and [0, 1].
+    Starts from ``x_init`` when given (projected), else uniformly in the eps-ball when
+    ``random_start``; sign steps of ``step_size``. ``generator`` may live on the CPU for a
+    CUDA batch. Returns a detached adversarial batch inside the eps-ball and [0, 1].
     """
     if eps < 0 or step_size < 0 or steps < 0:
         raise ValueError("eps, step_size and steps must be non-negative")
     x = x.detach()
-    if random_start and eps > 0:
-        noise = (
-            torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            if generator is not None
-            else torch.rand_like(x)
-        )
-        x_adv = project_linf(x + (2 * noise - 1) * eps, x, eps)
+    if x_init is not None:
+        x_adv = project_linf(x_init.detach(), x, eps)
+    elif random_start and eps > 0:
+        x_adv = project_linf(x + (2 * random_like(x, generator, "uniform") - 1) * eps, x, eps)
     else:
         x_adv = x.clone()
     for _ in range(steps):

@@ -125,13 +125,16 @@ def run_bench(args: argparse.Namespace) -> int:
             }
         )
     if args.train_step:
-        from .training import AdversarialStepConfig, adversarial_training_step
+        from .training import Objective, ObjectiveModule, training_step
+        from .training.config import AttackSection, ObjectiveSection
 
         train_model = create_model(args.model)
         opt = torch.optim.Adam(train_model.parameters(), lr=1e-3)
         y = torch.randint(0, model.num_classes, (B,), generator=torch.Generator().manual_seed(1))
-        cfg = AdversarialStepConfig()
-        t_train = median_time(lambda: adversarial_training_step(train_model, opt, x, y, cfg), max(reps, 5))
+        objective = Objective(ObjectiveSection(kind="pgd_at"), AttackSection())  # PGD-10, eps 8/255
+        module = ObjectiveModule(train_model, objective)
+        g = torch.Generator().manual_seed(0)
+        t_train = median_time(lambda: training_step(module, objective, opt, x, y, g), max(reps, 5))
         results["adv_train_step_s"] = t_train
         results["adv_train_samples_per_s"] = B / t_train
     print(render_markdown(results))

@@ -34,6 +34,12 @@ def _bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .training.cli import run_train
+
+    return run_train(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="robustdeq",
@@ -92,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the results as JSON here (and a .md table beside it)")
     p.add_argument("--data", default=None, help="CIFAR-10 source (real test images; random ones if none)")
     p.set_defaults(func=_bench)
+    from .training.cli import add_train_parser
+
+    add_train_parser(sub, _train)
     return parser
 
 
@@ -106,7 +115,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     tune_cpu_allocator()
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, FloatingPointError) as exc:
         print(f"robustdeq {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -19,7 +19,7 @@ import pickle
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -29,7 +29,17 @@ CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 ARCHIVE_NAME = "cifar10-jpeg.tar.gz"
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
-__all__ = ["CLASSES", "Split", "load_cifar10", "default_archive", "cache_dir", "fingerprint"]
+__all__ = [
+    "CLASSES",
+    "Split",
+    "load_cifar10",
+    "default_archive",
+    "cache_dir",
+    "fingerprint",
+    "augment",
+    "train_val_split",
+    "epoch_batches",
+]
 
 
 @dataclass
@@ -46,6 +56,10 @@ class Split:
         """Images in [0, 1] as float32 (the models normalise internally)."""
         imgs = self.images if idx is None else self.images[idx]
         return imgs.float().div_(255.0)
+
+    def subset(self, idx: Tensor, source: Optional[str] = None) -> "Split":
+        images, labels = self.images[idx], self.labels[idx]
+        return Split(images, labels, source or self.source, fingerprint(images, labels))
 
 
 def cache_dir() -> Path:
@@ -178,3 +192,68 @@ def load_cifar10(
     torch.save({"images": imgs, "labels": labels, "fingerprint": fp}, tmp)
     os.replace(tmp, cache)
     return Split(imgs, labels, str(path), fp)
+
+
+def train_val_split(train: Split, val_size: int, seed: int = 0) -> Tuple[Split, Split, Tensor]:
+    """Carve a class-stratified validation split of ``val_size`` images out of the
+    training set (model selection never looks at the test set, DESIGN.md §4).
+
+    Deterministic in ``seed``; returns (train, val, val_indices). The validation images come
+    in shuffled order, so any prefix of them is close to class-balanced.
+    """
+    n = len(train)
+    if not 0 <= val_size < n:
+        raise ValueError(f"val_size must be in [0, {n}), got {val_size}")
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=g)
+    classes = train.labels.unique()
+    per_class = [order[train.labels[order] == c] for c in classes]
+    quota = [val_size // len(classes) + (1 if i < val_size % len(classes) else 0) for i in range(len(classes))]
+    val_idx = torch.cat([idx[:q] for idx, q in zip(per_class, quota)])
+    # a seeded shuffle, not sorted: the JPEG archive stores images grouped by class, and
+    # consumers read prefixes ("the first 500 validation images") that must be balanced
+    val_idx = val_idx[torch.randperm(len(val_idx), generator=g)]
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[val_idx] = False
+    train_idx = mask.nonzero().squeeze(1)
+    return train.subset(train_idx, f"{train.source}[train]"), train.subset(val_idx, f"{train.source}[val]"), val_idx
+
+
+def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, epoch_size: Optional[int] = None) -> List[Tensor]:
+    """Index batches of one epoch: a permutation fixed by (seed, epoch), so a resumed run
+    sees exactly the batches it would have seen. Incomplete last batches are dropped.
+
+    ``epoch_size`` (samples) shortens an epoch to a prefix of that permutation, cycling
+    through the data over consecutive epochs, for CPU budgets where a full pass is long.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    size = n if epoch_size is None else int(epoch_size)
+    if size < batch_size:
+        raise ValueError(f"an epoch of {size} samples holds no batch of {batch_size}")
+    if size >= n:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        size = n
+    else:
+        # consecutive short epochs walk through one permutation per full pass
+        per_pass = n // size
+        pass_idx, offset = divmod(epoch, per_pass)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + 7919 * (pass_idx + 1)))
+        order = perm[offset * size : (offset + 1) * size]
+    usable = (size // batch_size) * batch_size
+    return list(order[:usable].view(-1, batch_size))
+
+
+def augment(x: Tensor, generator: Optional[torch.Generator] = None, padding: int = 4) -> Tensor:
+    """Random crop with zero padding and random horizontal flip, per sample, vectorised."""
+    B, _, H, W = x.shape
+    padded = torch.nn.functional.pad(x, (padding,) * 4)
+    dx = torch.randint(0, 2 * padding + 1, (B,), generator=generator)
+    dy = torch.randint(0, 2 * padding + 1, (B,), generator=generator)
+    rows = (dy.view(B, 1) + torch.arange(H).view(1, H)).to(x.device)  # [B, H]
+    cols = (dx.view(B, 1) + torch.arange(W).view(1, W)).to(x.device)  # [B, W]
+    flip = torch.rand(B, generator=generator) < 0.5
+    cols = torch.where(flip.view(B, 1).to(x.device), cols.flip(1), cols)
+    b = torch.arange(B, device=x.device).view(B, 1, 1)
+    out = padded.permute(0, 2, 3, 1)[b, rows.view(B, H, 1), cols.view(B, 1, W)]  # [B, H, W, C]
+    return out.permute(0, 3, 1, 2).contiguous()

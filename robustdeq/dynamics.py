@@ -9,6 +9,7 @@ the default is the last-but-one state (paper 1, Sec. 4).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 import torch
@@ -22,7 +23,17 @@ if TYPE_CHECKING:  # pragma: no cover
 
 DEFAULT_READOUT = -2  # last but one: z[N-1]
 
-__all__ = ["DEFAULT_READOUT", "Trajectory", "prediction_entropy", "run_dynamics", "damped_unroll", "CellMap"]
+__all__ = [
+    "DEFAULT_READOUT",
+    "Trajectory",
+    "prediction_entropy",
+    "run_dynamics",
+    "damped_unroll",
+    "CellMap",
+    "PhantomOutput",
+    "phantom_forward",
+    "unrolled_forward",
+]
 
 
 def prediction_entropy(logits: Tensor) -> Tensor:
@@ -168,3 +179,48 @@ def damped_unroll(model: "DEQModel", z: Tensor, u: Tensor, k_steps: int, tau: fl
     for _ in range(k_steps):
         w = torch.lerp(w, model.cell(w, u), tau) if tau != 1.0 else model.cell(w, u)
     return w
+
+
+@dataclass
+class PhantomOutput:
+    logits: Tensor  # h(w_K), differentiable w.r.t. parameters and input
+    state: Tensor  # the detached solver state z[n] the unroll started from
+    injection: Tensor  # u = inject(x), differentiable
+
+
+def phantom_forward(
+    model: "DEQModel",
+    x: Tensor,
+    n_steps: Optional[int] = None,
+    unroll: int = 5,
+    tau: float = 0.5,
+    solver: Optional[_solvers.Solver] = None,
+) -> PhantomOutput:
+    """Solve ``n_steps`` without gradient, then a differentiable damped unroll
+    (phantom gradient, DESIGN.md §4: w0 = f(z*), K = ``unroll`` steps of size ``tau``).
+
+    This is the gradient training uses and therefore the "ready-made" attack gradient.
+    Passing ``n_steps = n`` with n drawn from U{1..N} gives paper 1's loss on a random
+    intermediate state (Sec. 3.3, Eq. 10).
+    """
+    n_steps = model.n_steps if n_steps is None else int(n_steps)
+    solver = solver if solver is not None else model.make_solver()
+    u = model.inject(x)
+    with torch.no_grad():
+        ud = u.detach()
+        z = _solvers.solve(CellMap(model, ud), model.initial_state(ud), solver, n_steps).states[-1]
+    w = damped_unroll(model, z, u, unroll, tau)
+    return PhantomOutput(logits=model.head(w, u), state=z, injection=u)
+
+
+def unrolled_forward(model: "DEQModel", x: Tensor, depth: Optional[int] = None) -> Tensor:
+    """Logits of the cell unrolled ``depth`` times from z[0] = 0 with full backpropagation:
+    the weight-tied deep network used for pretraining (paper 1 Appendix A; MDEQ)."""
+    depth = model.n_steps if depth is None else int(depth)
+    if depth < 1:
+        raise ValueError(f"unroll depth must be >= 1, got {depth}")
+    u = model.inject(x)
+    z = model.initial_state(u)
+    for _ in range(depth):
+        z = model.cell(z, u)
+    return model.head(z, u)

@@ -1,22 +1,24 @@
-"""Training building blocks (paper 1 Sec. 3.3 and Appendix A): the phantom-gradient
-forward, random intermediate states, Jacobian regularisation and adversarial steps."""
+"""Training (paper 1 Sec. 3.3 and Appendix A, paper 2 Sec. 5): objectives, configs and the
+trainer behind ``robustdeq train``."""
 
-from .blocks import (
-    PhantomOutput,
-    draw_intermediate_step,
-    jacobian_regularizer,
-    phantom_forward,
-)
-from .quick import augment, train_clean
-from .steps import AdversarialStepConfig, adversarial_training_step
+from ..dynamics import PhantomOutput, phantom_forward, unrolled_forward
+from .blocks import draw_intermediate_step, jacobian_regularizer
+from .config import TrainConfig, load_config
+from .objectives import Objective, ObjectiveModule, StepInputs, trades_kl, training_step
+from .quick import train_clean
 
 __all__ = [
     "PhantomOutput",
+    "phantom_forward",
+    "unrolled_forward",
     "draw_intermediate_step",
     "jacobian_regularizer",
-    "phantom_forward",
-    "AdversarialStepConfig",
-    "adversarial_training_step",
-    "augment",
+    "TrainConfig",
+    "load_config",
+    "Objective",
+    "ObjectiveModule",
+    "StepInputs",
+    "trades_kl",
+    "training_step",
     "train_clean",
 ]

@@ -1,49 +1,20 @@
-"""Phantom gradient, random intermediate states and Jacobian regularisation."""
+"""Random intermediate states and Jacobian regularisation (the phantom gradient lives in
+:mod:`robustdeq.dynamics`, next to the damped unroll it is made of)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import Tensor
 
-from .. import solvers as _solvers
-from ..dynamics import CellMap, damped_unroll
+from ..attacks import random_like
+from ..dynamics import PhantomOutput, phantom_forward, unrolled_forward
+
+__all__ = ["PhantomOutput", "phantom_forward", "unrolled_forward", "draw_intermediate_step", "jacobian_regularizer"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models.base import DEQModel
-
-
-@dataclass
-class PhantomOutput:
-    logits: Tensor  # h(w_K), differentiable w.r.t. parameters and input
-    state: Tensor  # the detached solver state z[n] the unroll started from
-    injection: Tensor  # u = inject(x), differentiable
-
-
-def phantom_forward(
-    model: "DEQModel",
-    x: Tensor,
-    n_steps: Optional[int] = None,
-    unroll: int = 5,
-    tau: float = 0.5,
-    solver: Optional[_solvers.Solver] = None,
-) -> PhantomOutput:
-    """Solve ``n_steps`` without gradient, then a differentiable damped unroll
-    (phantom gradient, DESIGN.md §4: w0 = f(z*), K = ``unroll`` steps of size ``tau``).
-
-    Passing ``n_steps = n`` with n drawn from U{1..N} gives paper 1's loss on a random
-    intermediate state (Sec. 3.3, Eq. 10).
-    """
-    n_steps = model.n_steps if n_steps is None else int(n_steps)
-    solver = solver if solver is not None else model.make_solver()
-    u = model.inject(x)
-    with torch.no_grad():
-        ud = u.detach()
-        z = _solvers.solve(CellMap(model, ud), model.initial_state(ud), solver, n_steps).states[-1]
-    w = damped_unroll(model, z, u, unroll, tau)
-    return PhantomOutput(logits=model.head(w, u), state=z, injection=u)
 
 
 def draw_intermediate_step(n_steps: int, generator: Optional[torch.Generator] = None) -> int:
@@ -66,11 +37,7 @@ def jacobian_regularizer(
     fz = model.cell(z, u)
     total = fz.new_zeros(())
     for _ in range(n_vectors):
-        v = (
-            torch.randn(fz.shape, generator=generator, dtype=fz.dtype, device=fz.device)
-            if generator is not None
-            else torch.randn_like(fz)
-        )
+        v = random_like(fz, generator, "normal")
         (vj,) = torch.autograd.grad(fz, z, v, create_graph=True)
         total = total + vj.pow(2).sum() / vj.numel()
     return total / n_vectors

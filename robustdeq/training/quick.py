@@ -6,31 +6,17 @@ blocks; this loop exists so that a model "trained for even a short while" is one
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING, List
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .blocks import phantom_forward
+from ..data import augment
+from ..dynamics import phantom_forward
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models.base import DEQModel
-
-
-def augment(x: Tensor, generator: Optional[torch.Generator] = None, padding: int = 4) -> Tensor:
-    """Random crop with zero padding and random horizontal flip, per sample, vectorised."""
-    B, _, H, W = x.shape
-    padded = F.pad(x, (padding,) * 4)
-    dx = torch.randint(0, 2 * padding + 1, (B,), generator=generator)
-    dy = torch.randint(0, 2 * padding + 1, (B,), generator=generator)
-    rows = (dy.view(B, 1) + torch.arange(H).view(1, H)).to(x.device)  # [B, H]
-    cols = (dx.view(B, 1) + torch.arange(W).view(1, W)).to(x.device)  # [B, W]
-    flip = torch.rand(B, generator=generator) < 0.5
-    cols = torch.where(flip.view(B, 1).to(x.device), cols.flip(1), cols)
-    b = torch.arange(B, device=x.device).view(B, 1, 1)
-    out = padded.permute(0, 2, 3, 1)[b, rows.view(B, H, 1), cols.view(B, 1, W)]  # [B, H, W, C]
-    return out.permute(0, 3, 1, 2).contiguous()
 
 
 def train_clean(
