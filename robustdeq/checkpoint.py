@@ -65,23 +65,26 @@ class Checkpoint:
             model = model_from_config(self.model_config)
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"{self._where()}: cannot rebuild model {self.model_name!r}: {exc}") from None
-        result = model.load_state_dict(self.state_dict, strict=False)
+        expected = model.state_dict()
+        missing = [k for k in expected if k not in self.state_dict]
+        unexpected = [k for k in self.state_dict if k not in expected]
         shape_errors = [
-            f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(model.state_dict()[k].shape)}"
+            f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
             for k, v in self.state_dict.items()
-            if k in model.state_dict() and model.state_dict()[k].shape != v.shape
+            if k in expected and expected[k].shape != v.shape
         ]
-        if result.missing_keys or result.unexpected_keys or shape_errors:
+        if missing or unexpected or shape_errors:
             parts = []
-            if result.missing_keys:
-                parts.append(f"missing {_preview(result.missing_keys)}")
-            if result.unexpected_keys:
-                parts.append(f"unexpected {_preview(result.unexpected_keys)}")
+            if missing:
+                parts.append(f"missing {_preview(missing)}")
+            if unexpected:
+                parts.append(f"unexpected {_preview(unexpected)}")
             if shape_errors:
                 parts.append(f"shape mismatch {_preview(shape_errors)}")
             raise CheckpointError(
                 f"{self._where()}: weights do not match model {self.model_name!r}: " + "; ".join(parts)
             )
+        model.load_state_dict(self.state_dict)
         model.to(device)
         return model.eval() if eval_mode else model
 

@@ -64,3 +64,21 @@ def test_bench_writes_json_and_markdown(tmp_path):
 def test_bad_data_source_is_a_clear_error():
     out = run_cli("demo", "--data", "/nonexistent/cifar.tar.gz", "--train-steps", "1")
     assert out.returncode == 2 and "does not exist" in out.stderr
+
+
+def test_train_help_print_config_and_clear_errors():
+    out = run_cli("train", "--help")
+    assert out.returncode == 0 and "--metrics-port" in out.stdout and "resumes" in out.stdout
+    out = run_cli(
+        "train", "--config", "training/configs/deq-tiny-trades-rs.yaml", "--set", "attack.eps=4/255", "--print-config"
+    )
+    assert out.returncode == 0
+    import yaml
+
+    cfg = yaml.safe_load(out.stdout)
+    assert cfg["objective"]["kind"] == "trades" and cfg["objective"]["random_depth"] is True
+    assert abs(cfg["attack"]["eps"] - 4 / 255) < 1e-12
+    bad = run_cli("train", "--config", "training/configs/deq-tiny-pgd.yaml", "--set", "optim.lrr=1", "--print-config")
+    assert bad.returncode == 2 and "unknown config key(s) optim.lrr" in bad.stderr
+    missing = run_cli("train", "--config", "training/configs/nope.yaml")
+    assert missing.returncode == 2 and "does not exist" in missing.stderr

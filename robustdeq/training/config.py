@@ -184,10 +184,11 @@ class TrainConfig:
 
 
 def _parse_number(value: Any) -> Any:
-    """Accept '8/255' style fractions where a number is expected."""
-    if isinstance(value, str) and "/" in value:
+    """Accept '8/255' style fractions and '3e-3' (which YAML 1.1 reads as a string)."""
+    if isinstance(value, str):
+        text = value.replace(" ", "")
         try:
-            return float(Fraction(value.replace(" ", "")))
+            return float(Fraction(text)) if "/" in text else float(text) if text.lower() not in ("nan", "inf") else value
         except (ValueError, ZeroDivisionError):
             return value
     return value

@@ -40,6 +40,7 @@ class StepInputs:
     pretrain: bool = False
     use_jacobian: bool = False
     attack_depths: List[Optional[int]] = field(default_factory=list)  # the depth of every attack-loss call
+    generator: Optional[torch.Generator] = None  # probe vectors of the Jacobian regulariser
 
 
 def trades_kl(logits_adv: Tensor, logits_clean: Tensor) -> Tensor:
@@ -76,7 +77,7 @@ class Objective:
             return StepInputs(x, y, None, None, pretrain=True)
         depth_generator = depth_generator or generator
         depth = self.draw_depth(model, depth_generator)
-        inputs = StepInputs(x, y, None, depth, use_jacobian=use_jacobian)
+        inputs = StepInputs(x, y, None, depth, use_jacobian=use_jacobian, generator=generator)
         if self.cfg.kind == "clean":
             return inputs
         cfg, atk = self.cfg, self.attack
@@ -157,7 +158,7 @@ class ObjectiveModule(nn.Module):
             stats["train_acc"] = float((clean.logits.argmax(1) == y).float().mean())
             stats["train_adv_acc"] = float((out.logits.argmax(1) == y).float().mean())
         if inputs.use_jacobian and cfg.jacobian_weight > 0:
-            jac = jacobian_regularizer(model, out.state, out.injection)
+            jac = jacobian_regularizer(model, out.state, out.injection, generator=inputs.generator)
             loss = loss + cfg.jacobian_weight * jac
             stats["jacobian"] = float(jac.detach())
         return loss, stats
