@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint format bench clean help
+.PHONY: setup demo test lint format bench train-shipped clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -32,7 +32,10 @@ format: setup  ## auto-format with ruff
 	$(VENV)/bin/ruff format .
 
 bench: setup  ## the speed table of the README (deq-tiny, batch 64, T_f x R grid, training step)
-	$(VENV)/bin/robustdeq bench --train-step --repeats 5 --out runs/bench/deq-tiny.json
+	$(VENV)/bin/robustdeq bench --train --repeats 5 --out runs/bench/deq-tiny.json
+
+train-shipped: setup  ## train (or resume) the four shipped checkpoints into training/shipped/ (hours on 2 cores)
+	bash training/train_shipped.sh
 
 clean:  ## remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache runs *.egg-info

@@ -40,6 +40,36 @@ def _train(args: argparse.Namespace) -> int:
     return run_train(args)
 
 
+def _accuracy(args: argparse.Namespace) -> int:
+    import json
+
+    from .evaluation import checkpoint_accuracy
+    from .training.config import _parse_number
+
+    result = checkpoint_accuracy(
+        args.checkpoint,
+        split=args.split,
+        n=args.n,
+        pgd_steps=args.pgd_steps,
+        eps=float(_parse_number(args.eps)),
+        batch_size=args.batch_size,
+        data=args.data,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    k = result["state"]
+    pgd = f", PGD-{args.pgd_steps} {100 * result['pgd_acc']:.2f}%" if result["pgd_acc"] is not None else ""
+    where = f"{result['model']} at z[{k}] on {result['n']} {result['split']} images"
+    print(f"{where}: clean {100 * result['clean_acc']:.2f}%{pgd}")
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="robustdeq",
@@ -90,14 +120,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--R", type=int, nargs="+", default=[1, 5, 10, 20], help="R values (default 1 5 10 20)")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions per setting; the median is reported")
     p.add_argument(
-        "--train-step",
+        "--train",
         action="store_true",
-        help="also time one PGD-10 adversarial-training step (phantom gradient) at this batch size",
+        help="also time training steps of PGD-AT and TRADES with and without random intermediate states "
+        "(paper 1 Sec. 3.3 / Table 9) at this batch size",
     )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="write the results as JSON here (and a .md table beside it)")
     p.add_argument("--data", default=None, help="CIFAR-10 source (real test images; random ones if none)")
     p.set_defaults(func=_bench)
+    p = sub.add_parser(
+        "accuracy",
+        help="clean and ready-made PGD-10 accuracy of a checkpoint (quick, non-adaptive)",
+        description="Clean and ready-made PGD accuracy of a checkpoint at its chosen early state and at z[N], on "
+        "the CIFAR-10 test split or on the checkpoint's own validation split. Non-adaptive: the attack follows the "
+        "phantom gradient of the final state. Use 'robustdeq evaluate' for adaptive attacks.",
+    )
+    p.add_argument("--checkpoint", required=True, help="a model.pt written by 'robustdeq train'")
+    p.add_argument("--split", choices=("test", "val"), default="test")
+    p.add_argument("--n", type=int, default=None, help="images (default: the whole split)")
+    p.add_argument("--pgd-steps", type=int, default=10, help="PGD steps (0 = clean only; default 10)")
+    p.add_argument("--eps", default="8/255", help="l_inf radius (default 8/255)")
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--data", default=None, help="CIFAR-10 source (default: ../shared/data archive)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default=None, help="write the result as JSON here")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_accuracy)
+
     from .training.cli import add_train_parser
 
     add_train_parser(sub, _train)
@@ -115,7 +165,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     tune_cpu_allocator()
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FloatingPointError) as exc:
+    except (ValueError, FileNotFoundError, FloatingPointError) as exc:  # CheckpointError is a ValueError
         print(f"robustdeq {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -24,7 +24,7 @@ from .dynamics import phantom_forward
 if TYPE_CHECKING:  # pragma: no cover
     from .models.base import DEQModel
 
-__all__ = ["ready_made_pgd", "StateAccuracy", "state_accuracies", "choose_early_state"]
+__all__ = ["ready_made_pgd", "StateAccuracy", "state_accuracies", "choose_early_state", "checkpoint_accuracy"]
 
 
 def ready_made_pgd(
@@ -150,3 +150,71 @@ def choose_early_state(acc: StateAccuracy) -> int:
     best = max(acc.robust_correct)
     candidates = [i + 1 for i, c in enumerate(acc.robust_correct) if c == best]
     return max(candidates, key=lambda k: (acc.clean_correct[k - 1], k))
+
+
+def checkpoint_accuracy(
+    checkpoint: str,
+    split: str = "test",
+    n: Optional[int] = None,
+    pgd_steps: int = 10,
+    eps: float = 8 / 255,
+    step_size: float = 2 / 255,
+    batch_size: int = 250,
+    data: Optional[str] = None,
+    device: Optional[str] = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> Dict[str, object]:
+    """Clean and ready-made PGD accuracy of a checkpoint at its chosen early state and at
+    z[N], on the test split (or the checkpoint's own validation split with ``split='val'``).
+
+    This is the quick, non-adaptive number recorded with every shipped checkpoint; the
+    adaptive evaluation lives in ``robustdeq evaluate``.
+    """
+    from .checkpoint import load_checkpoint
+    from .data import load_cifar10, train_val_split
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ckpt = load_checkpoint(checkpoint, map_location="cpu")
+    model = ckpt.build_model(dev)
+    if split == "val":
+        full = load_cifar10("train", data, progress=progress)
+        ckpt.check_dataset(full.fingerprint)
+        _, data_split, _ = train_val_split(full, int(ckpt.data["val_size"]), int(ckpt.data["split_seed"]))
+    elif split == "test":
+        data_split = load_cifar10("test", data, progress=progress)
+        # a seeded shuffle: the archive stores the test images grouped by class
+        order = torch.randperm(len(data_split), generator=torch.Generator().manual_seed(seed))
+        data_split = data_split.subset(order)
+    else:
+        raise ValueError(f"split must be 'test' or 'val', got {split!r}")
+    n = len(data_split) if n is None else min(int(n), len(data_split))
+    acc = state_accuracies(
+        model,
+        data_split.images,
+        data_split.labels,
+        n,
+        n if pgd_steps > 0 else 0,
+        eps=eps,
+        step_size=step_size,
+        pgd_steps=pgd_steps,
+        batch_size=batch_size,
+        device=dev,
+        seed=seed,
+        progress=progress,
+        desc=f"{split} accuracy",
+    )
+    k = model.readout_state if model.readout_state > 0 else model.n_steps + 1 + model.readout_state
+    return {
+        "checkpoint": str(checkpoint),
+        "model": ckpt.model_name,
+        "split": split,
+        "n": n,
+        "state": k,
+        "clean_acc": acc.clean(k),
+        "pgd_acc": acc.robust(k) if pgd_steps > 0 else None,
+        "clean_acc_final": acc.clean(-1),
+        "pgd_acc_final": acc.robust(-1) if pgd_steps > 0 else None,
+        "attack": f"ready-made PGD-{pgd_steps} (phantom gradient of z[N]), eps {eps:.5f}, step {step_size:.5f}",
+        **acc.to_dict(),
+    }

@@ -82,3 +82,25 @@ def test_train_help_print_config_and_clear_errors():
     assert bad.returncode == 2 and "unknown config key(s) optim.lrr" in bad.stderr
     missing = run_cli("train", "--config", "training/configs/nope.yaml")
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_accuracy_command_reads_a_checkpoint(tmp_path, cifar_test):
+    import torch
+
+    from robustdeq import create_model
+    from robustdeq.checkpoint import Checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    model = create_model("deq-tiny", readout_state=6)
+    save_checkpoint(Checkpoint("deq-tiny", model.config(), model.state_dict()), tmp_path / "m.pt")
+    out = run_cli(
+        "accuracy", "--checkpoint", str(tmp_path / "m.pt"), "--n", "16", "--pgd-steps", "1", "--no-progress",
+        "--out", str(tmp_path / "acc.json"),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    result = json.loads((tmp_path / "acc.json").read_text())
+    assert result["n"] == 16 and result["state"] == 6 and len(result["robust_acc_per_state"]) == 8
+    assert 0 <= result["pgd_acc"] <= result["clean_acc"] + 0.5
+    assert "deq-tiny at z[6] on 16 test images" in out.stdout
+    bad = run_cli("accuracy", "--checkpoint", str(tmp_path / "missing.pt"))
+    assert bad.returncode == 2 and "does not exist" in bad.stderr

@@ -187,8 +187,10 @@ def _parse_number(value: Any) -> Any:
     """Accept '8/255' style fractions and '3e-3' (which YAML 1.1 reads as a string)."""
     if isinstance(value, str):
         text = value.replace(" ", "")
+        if text.lower() in ("nan", "inf", "-inf", "infinity"):
+            return value
         try:
-            return float(Fraction(text)) if "/" in text else float(text) if text.lower() not in ("nan", "inf") else value
+            return float(Fraction(text)) if "/" in text else float(text)
         except (ValueError, ZeroDivisionError):
             return value
     return value

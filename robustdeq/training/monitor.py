@@ -29,9 +29,7 @@ class TrainingMetrics:
         self.total_steps = gauge("robustdeq_train_total_steps", "Optimizer steps in the whole schedule")
         self.loss = gauge("robustdeq_train_loss", "Mean training loss over the last log interval", ["component"])
         self.accuracy = gauge("robustdeq_train_accuracy", "Training-batch accuracy (last log interval)", ["kind"])
-        self.val_accuracy = gauge(
-            "robustdeq_train_val_accuracy", "Validation accuracy at the readout state", ["kind"]
-        )
+        self.val_accuracy = gauge("robustdeq_train_val_accuracy", "Validation accuracy at the readout state", ["kind"])
         self.samples_per_second = gauge("robustdeq_train_samples_per_second", "Training throughput (all processes)")
         self.learning_rate = gauge("robustdeq_train_learning_rate", "Current learning rate")
         info = Info("robustdeq_train_run", "The run being trained", labels, registry=self.registry)

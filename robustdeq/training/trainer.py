@@ -515,4 +515,3 @@ def _median(values: List[float]) -> Optional[float]:
     values = sorted(values)
     mid = len(values) // 2
     return values[mid] if len(values) % 2 else 0.5 * (values[mid - 1] + values[mid])
-
