@@ -227,3 +227,40 @@ def test_torchrun_two_process_gloo(tmp_path, cifar_train):
     assert summary["world_size"] == 2 and summary["ddp_replicas_identical"] is True
     assert summary["steps"] == 8
     load_checkpoint(tmp_path / "model.pt").build_model()
+
+
+def test_validation_split_is_stratified_disjoint_and_shuffled(cifar_train):
+    from robustdeq.data import train_val_split
+
+    train, val, idx = train_val_split(cifar_train, 1000, seed=0)
+    assert len(train) == len(cifar_train) - 1000 and len(val) == 1000
+    assert val.labels.bincount().tolist() == [100] * 10
+    assert val.labels[:100].bincount(minlength=10).min() > 0  # prefixes are mixed, not grouped by class
+    _, again, idx2 = train_val_split(cifar_train, 1000, seed=0)
+    assert torch.equal(idx, idx2) and val.fingerprint == again.fingerprint
+    _, other, _ = train_val_split(cifar_train, 1000, seed=1)
+    assert other.fingerprint != val.fingerprint
+    train_fp = {hash(img.numpy().tobytes()) for img in train.images[:2000]}
+    assert not train_fp & {hash(img.numpy().tobytes()) for img in val.images}
+
+
+def test_epochs_are_seeded_and_short_epochs_cover_the_data():
+    from robustdeq.data import epoch_batches
+
+    a = epoch_batches(1000, 100, epoch=3, seed=0)
+    assert len(a) == 10 and torch.equal(torch.cat(a).sort().values, torch.arange(1000))
+    assert all(torch.equal(x, y) for x, y in zip(a, epoch_batches(1000, 100, epoch=3, seed=0)))
+    assert not torch.equal(a[0], epoch_batches(1000, 100, epoch=4, seed=0)[0])
+    short = [torch.cat(epoch_batches(1000, 50, epoch=e, seed=0, epoch_size=250)) for e in range(4)]
+    assert torch.equal(torch.cat(short).sort().values, torch.arange(1000))  # 4 short epochs = one pass
+
+
+def test_training_throughput_table_runs():
+    from robustdeq.training.throughput import VARIANTS, measure_training_throughput, speedups
+
+    x, y = torch.rand(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    rows = measure_training_throughput("deq-tiny", x, y, rounds=2, attack_steps=1, progress=False)
+    assert [r["variant"] for r in rows] == [v[0] for v in VARIANTS]
+    assert all(r["samples_per_s"] > 0 for r in rows)
+    assert all(r["mean_depth"] == 8 for r in rows if not r["random_depth"])
+    assert set(speedups(rows)) == {"pgd_at", "trades"}
