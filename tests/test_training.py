@@ -264,3 +264,10 @@ def test_training_throughput_table_runs():
     assert all(r["samples_per_s"] > 0 for r in rows)
     assert all(r["mean_depth"] == 8 for r in rows if not r["random_depth"])
     assert set(speedups(rows)) == {"pgd_at", "trades"}
+
+
+def test_rerunning_a_finished_run_is_a_no_op(tmp_path, cifar_train):
+    tiny_trainer("lyadeq-tiny-clean", tmp_path, "optim.epochs=1").run()
+    before = (tmp_path / "model.pt").stat().st_mtime_ns
+    again = tiny_trainer("lyadeq-tiny-clean", tmp_path, "optim.epochs=1").run()
+    assert again.completed and again.val_metrics and (tmp_path / "model.pt").stat().st_mtime_ns == before

@@ -212,6 +212,8 @@ class Trainer:
         if log.is_file():
             kept = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
             self.records = [r for r in kept if r.get("step", 0) <= self.step]
+            if self.dist.main and len(self.records) != len(kept):  # drop records past the checkpoint
+                log.write_text("".join(json.dumps(r) + "\n" for r in self.records))
         if self.dist.main:
             print(f"resuming {self.cfg.name} from {path} at step {self.step}/{self.total_steps}")
 
@@ -313,6 +315,16 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         steps_this_call = 0
+        if self.step >= self.total_steps and (self.out_dir / "model.pt").is_file():
+            done = load_checkpoint(self.out_dir / "model.pt")
+            if self.dist.main:
+                print(
+                    f"{self.out_dir} already holds the finished run ({self.step} steps); raise optim.epochs to extend"
+                )
+            self.dist.close()
+            return TrainResult(
+                self.out_dir, self.step, self.total_steps, True, self.out_dir / "model.pt", done.val_metrics
+            )
         try:
             while self.step < self.total_steps and self._stop_reason is None:
                 epoch = self.step // self.steps_per_epoch
