@@ -94,7 +94,11 @@ class _Dist:
         if self.initialised_here:
             import torch.distributed as dist
 
+            # every process waits for rank 0's final writes; exiting while a peer still
+            # talks to gloo aborts the process ("terminate called without an active exception")
+            dist.barrier()
             dist.destroy_process_group()
+            self.initialised_here = False
 
 
 def _seed(*parts: int) -> int:
