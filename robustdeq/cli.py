@@ -44,14 +44,14 @@ def _accuracy(args: argparse.Namespace) -> int:
     import json
 
     from .evaluation import checkpoint_accuracy
-    from .training.config import _parse_number
+    from .training.config import parse_number
 
     result = checkpoint_accuracy(
         args.checkpoint,
         split=args.split,
         n=args.n,
         pgd_steps=args.pgd_steps,
-        eps=float(_parse_number(args.eps)),
+        eps=float(parse_number(args.eps)),
         batch_size=args.batch_size,
         data=args.data,
         device=args.device,

@@ -39,6 +39,7 @@ __all__ = [
     "augment",
     "train_val_split",
     "epoch_batches",
+    "batches_per_epoch",
 ]
 
 
@@ -219,6 +220,16 @@ def train_val_split(train: Split, val_size: int, seed: int = 0) -> Tuple[Split, 
     return train.subset(train_idx, f"{train.source}[train]"), train.subset(val_idx, f"{train.source}[val]"), val_idx
 
 
+def batches_per_epoch(n: int, batch_size: int, epoch_size: Optional[int] = None) -> int:
+    """How many batches :func:`epoch_batches` yields per epoch (incomplete batches dropped)."""
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    size = n if epoch_size is None else min(int(epoch_size), n)
+    if size < batch_size:
+        raise ValueError(f"an epoch of {size} samples holds no batch of {batch_size}")
+    return size // batch_size
+
+
 def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, epoch_size: Optional[int] = None) -> List[Tensor]:
     """Index batches of one epoch: a permutation fixed by (seed, epoch), so a resumed run
     sees exactly the batches it would have seen. Incomplete last batches are dropped.
@@ -226,22 +237,17 @@ def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, epoch_size: Op
     ``epoch_size`` (samples) shortens an epoch to a prefix of that permutation, cycling
     through the data over consecutive epochs, for CPU budgets where a full pass is long.
     """
-    if batch_size < 1:
-        raise ValueError("batch_size must be >= 1")
-    size = n if epoch_size is None else int(epoch_size)
-    if size < batch_size:
-        raise ValueError(f"an epoch of {size} samples holds no batch of {batch_size}")
-    if size >= n:
+    count = batches_per_epoch(n, batch_size, epoch_size)
+    size = n if epoch_size is None else min(int(epoch_size), n)
+    if size == n:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        size = n
     else:
         # consecutive short epochs walk through one permutation per full pass
         per_pass = n // size
         pass_idx, offset = divmod(epoch, per_pass)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + 7919 * (pass_idx + 1)))
         order = perm[offset * size : (offset + 1) * size]
-    usable = (size // batch_size) * batch_size
-    return list(order[:usable].view(-1, batch_size))
+    return list(order[: count * batch_size].view(-1, batch_size))
 
 
 def augment(x: Tensor, generator: Optional[torch.Generator] = None, padding: int = 4) -> Tensor:

@@ -204,7 +204,7 @@ def checkpoint_accuracy(
         progress=progress,
         desc=f"{split} accuracy",
     )
-    k = model.readout_state if model.readout_state > 0 else model.n_steps + 1 + model.readout_state
+    k = model.readout_index()
     return {
         "checkpoint": str(checkpoint),
         "model": ckpt.model_name,

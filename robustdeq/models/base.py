@@ -83,6 +83,10 @@ class DEQModel(nn.Module):
         k = traj.index(self.readout_state if state is None else state)
         return self.head(traj.states[k], traj.injections[k])
 
+    def readout_index(self) -> int:
+        """The readout state as an index in 0..N (``readout_state`` may be negative)."""
+        return self.readout_state % (self.n_steps + 1)
+
     def config(self) -> Dict[str, Any]:
         """The constructor arguments, enough to rebuild the model (stored in checkpoints)."""
         return dict(getattr(self, "_config", {}))

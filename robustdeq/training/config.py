@@ -183,7 +183,7 @@ class TrainConfig:
             raise ValueError("invalid training config:\n  " + "\n  ".join(problems))
 
 
-def _parse_number(value: Any) -> Any:
+def parse_number(value: Any) -> Any:
     """Accept '8/255' style fractions and '3e-3' (which YAML 1.1 reads as a string)."""
     if isinstance(value, str):
         text = value.replace(" ", "")
@@ -198,7 +198,7 @@ def _parse_number(value: Any) -> Any:
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     ann = str(annotation)
-    value = _parse_number(value)
+    value = parse_number(value)
     if value is None:
         if "Optional" in ann or ann.startswith("Dict") or "None" in ann:
             return None
@@ -242,7 +242,7 @@ def _build(cls, raw: Dict[str, Any], prefix: str):
     for name, f in fields.items():
         if name not in raw:
             continue
-        if dataclasses.is_dataclass(f.default_factory) if f.default_factory is not dataclasses.MISSING else False:
+        if dataclasses.is_dataclass(f.default_factory):  # a nested section
             kwargs[name] = _build(f.default_factory, raw[name] or {}, f"{prefix}{name}.")
         else:
             kwargs[name] = _coerce(raw[name], f.type, prefix + name)

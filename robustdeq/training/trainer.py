@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .. import __version__
 from ..checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
-from ..data import augment, epoch_batches, load_cifar10, train_val_split
+from ..data import augment, batches_per_epoch, epoch_batches, load_cifar10, train_val_split
 from ..evaluation import choose_early_state, state_accuracies
 from ..models import create_model
 from .config import TrainConfig, config_diff
@@ -149,9 +149,7 @@ class Trainer:
             "split_seed": cfg.data.split_seed,
             "val_fingerprint": self.val.fingerprint,
         }
-        self.steps_per_epoch = len(
-            epoch_batches(len(self.train), cfg.optim.batch_size, 0, cfg.run.seed, cfg.data.epoch_size)
-        )
+        self.steps_per_epoch = batches_per_epoch(len(self.train), cfg.optim.batch_size, cfg.data.epoch_size)
         self.total_steps = self.steps_per_epoch * cfg.optim.epochs
 
         torch.manual_seed(cfg.run.seed)
@@ -295,7 +293,7 @@ class Trainer:
         )
 
     # ---- the loop ------------------------------------------------------------------------
-    def _batch(self, epoch: int, index: Tensor) -> tuple:
+    def _batch(self, index: Tensor) -> tuple:
         cfg = self.cfg
         idx = index[self.dist.rank :: self.dist.world_size]
         x = self.train.float_images(idx)
@@ -350,7 +348,7 @@ class Trainer:
                     lr = self.learning_rate(self.step)
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
-                    x, y = self._batch(epoch, batches[self.step % self.steps_per_epoch])
+                    x, y = self._batch(batches[self.step % self.steps_per_epoch])
                     pretrain = self.step < cfg.pretrain.steps
                     stats = training_step(
                         self.ddp,
@@ -445,7 +443,7 @@ class Trainer:
                 val_pgd_acc=acc.robust(k) if acc.robust_n else None,
                 val_clean_acc_final=acc.clean(-1),
                 val_pgd_acc_final=acc.robust(-1) if acc.robust_n else None,
-                readout_state=k if k > 0 else self.model.n_steps + 1 + k,
+                readout_state=self.model.readout_index(),
                 **acc.to_dict(),
             )
             if self.dist.main and self.progress:
