@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint format bench train-shipped clean help
+.PHONY: setup demo test lint format bench train-shipped evaluate-shipped clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -36,6 +36,9 @@ bench: setup  ## the speed table of the README (deq-tiny, batch 64, T_f x R grid
 
 train-shipped: setup  ## train (or resume) the four shipped checkpoints into training/shipped/ (hours on 2 cores)
 	bash training/train_shipped.sh
+
+evaluate-shipped: setup  ## the README's robustness figures: evaluate the shipped checkpoints (about 1.5 h on 2 cores)
+	bash training/evaluate_shipped.sh
 
 clean:  ## remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache runs *.egg-info

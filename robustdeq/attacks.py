@@ -1,17 +1,35 @@
-"""Attacks on DEQs. This module holds the l_inf PGD engine shared by training (PGD-AT,
-TRADES) and evaluation; later attack families (paper 1 Eq. 11 grids, AutoAttack, attacks
-through the defense) build on it."""
+"""Attacks on DEQs: the l_inf PGD engine shared by training (PGD-AT, TRADES) and
+evaluation, I-FGSM (paper 2, Eq. 13-14), and the intermediate-state surrogate of paper 1
+(Eq. 11) that the evaluation's PGD grid, APGD and the attacks through the defense use."""
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from . import solvers as _solvers
+from .dynamics import CellMap, damped_steps
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .models.base import DEQModel
+
 LossFn = Callable[[Tensor], Tensor]
 
-__all__ = ["pgd_linf", "project_linf", "random_like"]
+__all__ = [
+    "pgd_linf",
+    "project_linf",
+    "random_like",
+    "ifgsm_steps",
+    "margin",
+    "straight_through",
+    "IntermediateAttack",
+    "intermediate_state_logits",
+    "intermediate_grid",
+]
 
 
 def random_like(x: Tensor, generator: Optional[torch.Generator], kind: str = "uniform") -> Tensor:
@@ -59,3 +77,74 @@ def pgd_linf(
             (grad,) = torch.autograd.grad(loss, x_adv)
         x_adv = project_linf(x_adv.detach() + step_size * grad.sign(), x, eps)
     return x_adv.detach()
+
+
+def ifgsm_steps(eps: float) -> int:
+    """Paper 2, Eq. 14: n = floor(min(255 eps + 4, 1.25 * 255 eps)) steps of size 1/255."""
+    e = eps * 255.0
+    return max(1, int(math.floor(min(e + 4.0, 1.25 * e) + 1e-9)))
+
+
+def margin(logits: Tensor, y: Tensor) -> Tensor:
+    """max_{j != y} logit_j - logit_y per sample: positive exactly when the prediction is wrong."""
+    true = logits.gather(1, y.view(-1, 1)).squeeze(1)
+    other = logits.scatter(1, y.view(-1, 1), float("-inf")).amax(1)
+    return other - true
+
+
+def straight_through(value: Tensor, surrogate: Tensor) -> Tensor:
+    """``value`` in the forward pass, the gradient of ``surrogate`` in the backward pass (BPDA)."""
+    return value.detach() + surrogate - surrogate.detach()
+
+
+@dataclass(frozen=True)
+class IntermediateAttack:
+    """One intermediate-state attack of paper 1, Eq. 11: unroll z[i] for K_a damped steps."""
+
+    state: int  # i, 1..N
+    unroll: int  # K_a >= 1
+    lam: float  # lambda in (0, 1]
+
+    @property
+    def name(self) -> str:
+        return f"eq11-i{self.state}-k{self.unroll}-l{self.lam:g}"
+
+    def logits(self, model: "DEQModel", x: Tensor, solver: Optional[_solvers.Solver] = None) -> Tensor:
+        return intermediate_state_logits(model, x, self.state, self.unroll, self.lam, solver)
+
+
+def intermediate_state_logits(
+    model: "DEQModel",
+    x: Tensor,
+    state: int,
+    unroll: int,
+    lam: float,
+    solver: Optional[_solvers.Solver] = None,
+) -> Tensor:
+    """Paper 1, Eq. 11: solve i = ``state`` steps without gradient, then from z_a[i] = z[i]
+    (detached) take K_a = ``unroll`` damped steps z_a <- (1 - lam) z_a + lam f(z_a; x), and
+    return h(z_a[i + K_a]); the gradient reaches x through the K_a injections."""
+    if state < 0:
+        raise ValueError(f"state must be >= 0, got {state}")
+    solver = solver if solver is not None else model.make_solver()
+    u = model.inject(x)
+    with torch.no_grad():
+        ud = u.detach()
+        z = _solvers.solve(CellMap(model, ud), model.initial_state(ud), solver, state).states[-1] if state else None
+        z = model.initial_state(ud) if z is None else z
+    return model.head(damped_steps(model, z, u, unroll, lam), u)
+
+
+def intermediate_grid(
+    n_steps: int,
+    states: Optional[Sequence[int]] = None,
+    unrolls: Sequence[int] = (2, 5),
+    lams: Sequence[float] = (0.5, 1.0),
+) -> List[IntermediateAttack]:
+    """The (i, K_a, lambda) grid of paper 1 Sec. 4; the paper's full grid is
+    states 1..N x K_a 1..9 x lambda {0.5, 1} (144 attacks for N = 8)."""
+    states = list(range(1, n_steps + 1)) if states is None else sorted(set(int(s) for s in states))
+    bad = [s for s in states if not 1 <= s <= n_steps]
+    if bad:
+        raise ValueError(f"attack states {bad} outside 1..{n_steps}")
+    return [IntermediateAttack(i, int(k), float(lam)) for i in states for k in unrolls for lam in lams]

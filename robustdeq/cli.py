@@ -40,6 +40,18 @@ def _train(args: argparse.Namespace) -> int:
     return run_train(args)
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluation.cli import run_evaluate
+
+    return run_evaluate(args)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .evaluation.cli import run_compare
+
+    return run_compare(args)
+
+
 def _accuracy(args: argparse.Namespace) -> int:
     import json
 
@@ -148,9 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_accuracy)
 
+    from .evaluation.cli import add_compare_parser, add_evaluate_parser
     from .training.cli import add_train_parser
 
     add_train_parser(sub, _train)
+    add_evaluate_parser(sub, _evaluate)
+    add_compare_parser(sub, _compare)
     return parser
 
 

@@ -14,7 +14,7 @@ entropy at a chosen state of the plain dynamics exceeds a threshold.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Union
+from typing import TYPE_CHECKING, Callable, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -30,6 +30,7 @@ Number = Union[int, float, Tensor]
 
 __all__ = [
     "PAPER_DEFAULTS",
+    "DefenseSetting",
     "DefenseResult",
     "entropy_reduction",
     "gated_entropy_reduction",
@@ -57,6 +58,8 @@ class DefenseResult:
     x_defended: Tensor  # the final input x^[N]
     ran: Tensor  # bool [B]: did Algorithm 1 change anything for this sample
     perturbation: Tensor  # [B] ||x^[N] - x||_inf
+    # with record=True: (samples, z held fixed, input before the descent) per intervention
+    interventions: Optional[List[Tuple[Tensor, Tensor, Tensor]]] = None
 
     def entropy_after(self) -> Tensor:
         """[B, N] entropy at z[1..N] of the returned dynamics."""
@@ -76,15 +79,27 @@ class DefenseResult:
 
 
 def entropy_descent(
-    model: "DEQModel", z: Tensor, x: Tensor, x_orig: Tensor, R: Tensor, beta: Tensor, eps: Tensor
+    model: "DEQModel",
+    z: Tensor,
+    x: Tensor,
+    x_orig: Tensor,
+    R: Tensor,
+    beta: Tensor,
+    eps: Tensor,
+    soft_sign: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> Tensor:
     """Paper 1, Eq. 8: up to ``R[b]`` sign steps on the input lowering H(h(f(z; x))), z fixed.
 
     Returns the new input, projected to the eps-box around ``x_orig`` and to [0, 1].
     Samples with fewer steps drop out of later iterations (vectorised by index selection).
+    With ``soft_sign`` (a smooth stand-in for sign) the steps stay differentiable with
+    respect to ``x`` and ``x_orig`` (second-order graph): the full unroll an adaptive
+    attacker differentiates through.
     """
+    differentiable = soft_sign is not None
     z = z.detach()
-    x = x.detach()
+    if not differentiable:
+        x, x_orig = x.detach(), x_orig.detach()
     view = (-1,) + (1,) * (x.dim() - 1)
     lo = (x_orig - eps.view(view)).clamp_min(0.0)
     hi = (x_orig + eps.view(view)).clamp_max(1.0)
@@ -97,14 +112,17 @@ def entropy_descent(
         xa = x if all_active else x[idx]
         za = z if all_active else z[idx]
         with torch.enable_grad():
-            xa = xa.detach().requires_grad_(True)
+            if not differentiable:
+                xa = xa.detach().requires_grad_(True)
             ua = model.inject(xa)
             h = prediction_entropy(model.head(model.cell(za, ua), ua)).sum()
-            (grad,) = torch.autograd.grad(h, xa)
+            (grad,) = torch.autograd.grad(h, xa, create_graph=differentiable)
+        direction = soft_sign(grad) if differentiable else grad.sign()
         if all_active:
-            x = torch.minimum(torch.maximum(x - step * grad.sign(), lo), hi)
+            x = torch.minimum(torch.maximum(x - step * direction, lo), hi)
         else:
-            new = torch.minimum(torch.maximum(xa.detach() - step[idx] * grad.sign(), lo[idx]), hi[idx])
+            xa = xa if differentiable else xa.detach()
+            new = torch.minimum(torch.maximum(xa - step[idx] * direction, lo[idx]), hi[idx])
             x = x.index_copy(0, idx, new)
     return x
 
@@ -119,11 +137,14 @@ def entropy_reduction(
     n_steps: Optional[int] = None,
     solver: Optional[_solvers.Solver] = None,
     with_plain: bool = True,
+    record: bool = False,
 ) -> DefenseResult:
     """Algorithm 1 of paper 1 on a batch; settings are scalars or per-sample [B] tensors.
 
     ``R = 0`` (for a sample) reproduces the plain solve bit for bit. ``with_plain``
-    also computes the undefended dynamics, for the before/after entropies.
+    also computes the undefended dynamics, for the before/after entropies. ``record``
+    keeps, per intervention, the samples, the fixed state and the input it started from,
+    so that an attacker can replay the input updates differentiably.
     """
     if model.training:
         raise RuntimeError("run the defense with the model in eval mode (model.eval())")
@@ -150,12 +171,15 @@ def entropy_reduction(
         z0 = model.initial_state(u)
         state = solver.init(z0, f(z0))
         states, residuals, injections = [state.z], [state.residual], [u]
+        interventions: Optional[List[Tuple[Tensor, Tensor, Tensor]]] = [] if record else None
         for t in range(n_steps):
             z_next = solver.propose(state)
             fz_next = f(z_next)
             intervene = ((t + 1) % T_f == 0) & (R > 0)
             if bool(intervene.any()):
                 idx = intervene.nonzero().squeeze(1)
+                if interventions is not None:
+                    interventions.append((idx, z_next[idx], x_cur[idx]))
                 x_sub = entropy_descent(model, z_next[idx], x_cur[idx], x_orig[idx], R[idx], beta[idx], eps[idx])
                 x_cur = x_cur.index_copy(0, idx, x_sub)
                 u = u.index_copy(0, idx, model.inject(x_sub))
@@ -175,7 +199,9 @@ def entropy_reduction(
         diff = (x_cur - x_orig).flatten(1)
         perturbation = diff.abs().amax(1)
         ran = (R > 0) & (T_f <= n_steps)
-    return DefenseResult(trajectory=traj, plain=plain, x_defended=x_cur, ran=ran, perturbation=perturbation)
+    return DefenseResult(
+        trajectory=traj, plain=plain, x_defended=x_cur, ran=ran, perturbation=perturbation, interventions=interventions
+    )
 
 
 def gated_entropy_reduction(
@@ -188,6 +214,7 @@ def gated_entropy_reduction(
     beta: Number = 2 / 255,
     eps: Number = 8 / 255,
     n_steps: Optional[int] = None,
+    record: bool = False,
 ) -> DefenseResult:
     """Run Algorithm 1 only where the plain entropy at ``gate_state`` exceeds ``threshold``.
 
@@ -207,15 +234,84 @@ def gated_entropy_reduction(
     perturbation = x.new_zeros(B)
     ran = torch.zeros(B, dtype=torch.bool, device=dev)
     traj = plain
+    interventions: Optional[List[Tuple[Tensor, Tensor, Tensor]]] = [] if record else None
     if bool(trigger.any()):
         idx = trigger.nonzero().squeeze(1)
         settings = {
             k: per_sample(v, B, torch.long if k in ("T_f", "R") else x.dtype, dev, k)[idx]
             for k, v in dict(T_f=T_f, R=R, beta=beta, eps=eps).items()
         }
-        sub = entropy_reduction(model, x[idx], n_steps=n_steps, with_plain=False, **settings)
+        sub = entropy_reduction(model, x[idx], n_steps=n_steps, with_plain=False, record=record, **settings)
+        if interventions is not None:
+            interventions = [(idx[i], z, xb) for i, z, xb in sub.interventions]
         traj = plain.replaced(idx, sub.trajectory)
         x_def[idx] = sub.x_defended
         perturbation[idx] = sub.perturbation
         ran[idx] = sub.ran
-    return DefenseResult(trajectory=traj, plain=plain, x_defended=x_def, ran=ran, perturbation=perturbation)
+    return DefenseResult(
+        trajectory=traj, plain=plain, x_defended=x_def, ran=ran, perturbation=perturbation, interventions=interventions
+    )
+
+
+@dataclass(frozen=True)
+class DefenseSetting:
+    """One test-time configuration: plain early-state readout (``R = 0``), Algorithm 1 with
+    (T_f, R, beta, eps), or its entropy-gated variant (``threshold`` at ``gate_state``)."""
+
+    T_f: int = 2
+    R: int = 10
+    beta: float = 2 / 255
+    eps: float = 8 / 255
+    gated: bool = False
+    threshold: Optional[float] = None
+    gate_state: Optional[int] = None  # None: the model's early (readout) state
+
+    @property
+    def is_plain(self) -> bool:
+        return self.R == 0
+
+    @property
+    def name(self) -> str:
+        if self.is_plain:
+            return "none"
+        return f"{'gated' if self.gated else 'defense'}-T{self.T_f}-R{self.R}"
+
+    @classmethod
+    def parse(cls, text: str, beta: float = 2 / 255, eps: float = 8 / 255) -> "DefenseSetting":
+        """``none``, ``T_f,R`` or ``T_f,R,gated`` (e.g. ``2,10`` or ``2,10,gated``)."""
+        text = text.strip().lower()
+        if text in ("none", "off", "0"):
+            return cls(R=0, beta=beta, eps=eps)
+        parts = [p.strip() for p in text.split(",")]
+        gated = parts[-1] == "gated"
+        parts = parts[:-1] if gated else parts
+        try:
+            T_f, R = (int(p) for p in parts)
+        except ValueError:
+            raise ValueError(f"defense setting {text!r}: expected 'none', 'T_f,R' or 'T_f,R,gated'") from None
+        if T_f < 1 or R < 0:
+            raise ValueError(f"defense setting {text!r}: need T_f >= 1 and R >= 0")
+        return cls(T_f=T_f, R=R, beta=beta, eps=eps, gated=gated)
+
+    def run(self, model: "DEQModel", x: Tensor, with_plain: bool = False, record: bool = False) -> DefenseResult:
+        """Apply this setting to a batch (eval mode)."""
+        if self.gated:
+            if self.threshold is None:
+                raise ValueError(f"{self.name}: the gate threshold has not been chosen")
+            gate = model.readout_index() if self.gate_state is None else self.gate_state
+            return gated_entropy_reduction(
+                model, x, self.threshold, gate, self.T_f, self.R, self.beta, self.eps, record=record
+            )
+        return entropy_reduction(model, x, self.T_f, self.R, self.beta, self.eps, with_plain=with_plain, record=record)
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "T_f": self.T_f,
+            "R": self.R,
+            "beta": self.beta,
+            "eps": self.eps,
+            "gated": self.gated,
+            "threshold": self.threshold,
+            "gate_state": self.gate_state,
+        }

@@ -28,6 +28,7 @@ __all__ = [
     "Trajectory",
     "prediction_entropy",
     "run_dynamics",
+    "damped_steps",
     "damped_unroll",
     "CellMap",
     "PhantomOutput",
@@ -164,21 +165,27 @@ def run_dynamics(
     return Trajectory(model, result.states, result.residuals, [u] * len(result.states))
 
 
-def damped_unroll(model: "DEQModel", z: Tensor, u: Tensor, k_steps: int, tau: float) -> Tensor:
-    """Differentiable unroll from a detached state: w0 = f(z), then K damped steps
-    w <- (1 - tau) w + tau f(w).
+def damped_steps(model: "DEQModel", w: Tensor, u: Tensor, steps: int, lam: float) -> Tensor:
+    """``steps`` damped applications of the cell, w <- (1 - lam) w + lam f(w; u), with gradient.
 
-    This is the phantom gradient of training (DESIGN.md §4, K = 5, tau = 0.5) and the
-    intermediate-state attack's surrogate (paper 1, Eq. 11, with lambda = tau).
+    From a detached intermediate state z[i] this is paper 1's intermediate-state attack
+    surrogate (Eq. 11): exactly ``steps`` = K_a applications of f, z_a[i + K_a] returned.
     """
+    if steps < 0:
+        raise ValueError(f"unroll steps must be >= 0, got {steps}")
+    if not 0.0 < lam <= 1.0:
+        raise ValueError(f"damping must be in (0, 1], got {lam}")
+    for _ in range(steps):
+        w = torch.lerp(w, model.cell(w, u), lam) if lam != 1.0 else model.cell(w, u)
+    return w
+
+
+def damped_unroll(model: "DEQModel", z: Tensor, u: Tensor, k_steps: int, tau: float) -> Tensor:
+    """Phantom-gradient unroll from a detached state: w0 = f(z), then K damped steps
+    w <- (1 - tau) w + tau f(w) (DESIGN.md §4, K = 5, tau = 0.5): K + 1 applications of f."""
     if k_steps < 0:
         raise ValueError(f"unroll steps must be >= 0, got {k_steps}")
-    if not 0.0 < tau <= 1.0:
-        raise ValueError(f"damping tau must be in (0, 1], got {tau}")
-    w = model.cell(z.detach(), u)
-    for _ in range(k_steps):
-        w = torch.lerp(w, model.cell(w, u), tau) if tau != 1.0 else model.cell(w, u)
-    return w
+    return damped_steps(model, model.cell(z.detach(), u), u, k_steps, tau)
 
 
 @dataclass

@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .attacks import pgd_linf
-from .dynamics import phantom_forward
+from ..attacks import pgd_linf
+from ..dynamics import phantom_forward
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .models.base import DEQModel
+    from ..models.base import DEQModel
 
 __all__ = ["ready_made_pgd", "StateAccuracy", "state_accuracies", "choose_early_state", "checkpoint_accuracy"]
 
@@ -171,8 +171,8 @@ def checkpoint_accuracy(
     This is the quick, non-adaptive number recorded with every shipped checkpoint; the
     adaptive evaluation lives in ``robustdeq evaluate``.
     """
-    from .checkpoint import load_checkpoint
-    from .data import load_cifar10, train_val_split
+    from ..checkpoint import load_checkpoint
+    from ..data import load_cifar10, train_val_split
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ckpt = load_checkpoint(checkpoint, map_location="cpu")
