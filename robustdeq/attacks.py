@@ -73,8 +73,10 @@ def pgd_linf(
     for _ in range(steps):
         with torch.enable_grad():
             x_adv = x_adv.detach().requires_grad_(True)
-            loss = loss_fn(x_adv).sum()
-            (grad,) = torch.autograd.grad(loss, x_adv)
+            loss = loss_fn(x_adv)
+            if loss.shape != x_adv.shape[:1]:
+                raise ValueError(f"the attack loss must be one value per sample, got shape {tuple(loss.shape)}")
+            (grad,) = torch.autograd.grad(loss.sum(), x_adv)
         x_adv = project_linf(x_adv.detach() + step_size * grad.sign(), x, eps)
     return x_adv.detach()
 

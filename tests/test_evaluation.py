@@ -225,6 +225,8 @@ def test_evaluation_resumes_and_refuses_other_settings(tiny_evaluation):
     again = ev.run()  # every job is already done: nothing reruns
     assert json.loads((out / "state.json").read_text())["jobs"].keys() == state["jobs"].keys()
     assert again["per_sample"] == results["per_sample"]
+    fewer = Evaluator(str(SHIPPED), str(out), EvalConfig(**{**TINY, "families": ("pgd",)}), device="cpu")
+    assert fewer.jobs.keys() == ev.jobs.keys()  # another family selection resumes the same evaluation
     with pytest.raises(ValueError, match="--restart"):
         Evaluator(str(SHIPPED), str(out), EvalConfig(**{**TINY, "steps": 3}), device="cpu", progress=False)
 

@@ -8,11 +8,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RD=${RD:-.venv/bin/robustdeq}
-# deq-tiny-trades gets the same attacks on the undefended model as deq-tiny-trades-rs, so
-# their worst cases compare; the LyaDEQ (30 Anderson steps, ~10x the cost per solve) gets
-# a subset, and the comparison with it uses the attacks both ran
-BASELINE_ATTACKS="pgd ifgsm intermediate apgd-ce apgd-t square"
-LYADEQ_ATTACKS="pgd ifgsm intermediate apgd-ce radii"
+# the other checkpoints get the same attacks on the undefended model as deq-tiny-trades-rs,
+# so their worst cases compare (the defense is evaluated on deq-tiny-trades-rs only)
+PLAIN_ATTACKS="pgd ifgsm intermediate apgd-ce apgd-t square"
 
 evaluate() {
     local recipe=$1
@@ -28,8 +26,8 @@ recipes=("$@")
 for recipe in "${recipes[@]}"; do
     case "$recipe" in
         deq-tiny-trades-rs) evaluate "$recipe" ;;  # everything, with the defense (2,10) and its gated variant
-        lyadeq-*) evaluate "$recipe" --defense none --attacks $LYADEQ_ATTACKS ;;
-        *) evaluate "$recipe" --defense none --attacks $BASELINE_ATTACKS ;;
+        lyadeq-*) evaluate "$recipe" --defense none --attacks $PLAIN_ATTACKS radii ;;
+        *) evaluate "$recipe" --defense none --attacks $PLAIN_ATTACKS ;;
     esac
 done
 
@@ -48,7 +46,7 @@ out=training/shipped/comparisons.md
         fi
     }
     compare_pair deq-tiny-trades deq-tiny-trades-rs clean attack/pgd-ready attack/apgd-ce attack/square worst/none
-    compare_pair deq-tiny-trades-rs lyadeq-tiny-trades clean attack/pgd-ready attack/ifgsm attack/apgd-ce
+    compare_pair deq-tiny-trades-rs lyadeq-tiny-trades clean attack/pgd-ready attack/apgd-ce attack/square worst/none
     if [ -f runs/eval/deq-tiny-trades-rs/results.json ]; then
         echo; echo "## deq-tiny-trades-rs: defense settings vs none"; echo
         "$RD" compare runs/eval/deq-tiny-trades-rs

@@ -54,7 +54,7 @@ def soft_sign(temperature: float = 1.0) -> Callable[[Tensor], Tensor]:
 def readout_logits(model: "DEQModel", x: Tensor) -> Tensor:
     """The undefended model's prediction at its early state (no gradient)."""
     with torch.no_grad():
-        return model.trajectory(x).logits(model.readout_index())
+        return model(x)
 
 
 def surrogate_logits(model: "DEQModel", x: Tensor, attack: IntermediateAttack) -> Tensor:

@@ -22,8 +22,10 @@ attack families (--attacks, default: all):
   analyses      Fig. 2c/3b/3c dynamics, Table 3 transfer matrix, Table 5 T_f x R grid
   checks        gradient-masking checks (eps sweep, 2x steps, 2x solver steps, input gradients)
 
+The defense keeps paper 1's own budget (beta 2/255, eps 8/255) whatever the attack's --eps.
 The run is resumable: rerun the same command after an interruption and finished jobs are
-skipped. Outputs in --out: results.json, report.md, robustness_card.json, PNG plots.
+skipped; rerunning with more --attacks families adds just their jobs.
+Outputs in --out: results.json, report.md, robustness_card.json, PNG plots.
 """
 
 

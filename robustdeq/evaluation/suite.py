@@ -178,7 +178,7 @@ class Evaluator:
         self.y = labels.clone()
         self.n = len(self.y)
         self.subset_id = hashlib.sha256(test.fingerprint.encode() + self.indices.numpy().tobytes()).hexdigest()[:16]
-        self.defenses = [DefenseSetting.parse(s, eps=self.config.eps) for s in self.config.defenses]
+        self.defenses = [DefenseSetting.parse(s) for s in self.config.defenses]
         self.defenses = [d for d in self.defenses if not d.is_plain]
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -200,7 +200,7 @@ class Evaluator:
         if restart or not path.exists():
             return
         saved = json.loads(path.read_text())
-        if saved.get("identity") != self._identity():
+        if _without_families(saved.get("identity")) != _without_families(self._identity()):
             raise ValueError(
                 f"{self.out} holds an evaluation of another checkpoint or with other settings; "
                 "use another --out, or --restart to discard it"
@@ -294,9 +294,8 @@ class Evaluator:
             self._job("pgd-ready", lambda: self._undefended_attack("pgd-ready", self._ready_made_adv))
         if "ifgsm" in fam:
             self._job("ifgsm", lambda: self._undefended_attack("ifgsm", self._ifgsm_adv))
-        grid = self._grid() if ("intermediate" in fam or fam & {"apgd-ce", "apgd-t", "adaptive", "checks"}) else []
         if "intermediate" in fam:
-            for a in grid:
+            for a in self._grid():
                 self._job(a.name, lambda a=a: self._undefended_attack(a.name, self._intermediate_adv(a), attack=a))
         if "apgd-ce" in fam:
             self._job("apgd-ce", lambda: self._undefended_attack("apgd-ce", self._apgd_adv("ce")))
@@ -773,7 +772,7 @@ class Evaluator:
         cells = []
         for T_f in c.grid_T_f:
             for R in c.grid_R:
-                s = DefenseSetting(T_f=T_f, R=R, eps=c.eps)
+                s = DefenseSetting(T_f=T_f, R=R)
                 out, cost = self._timed_defense(s, x_adv, f"T_f={T_f} R={R}")
                 cells.append({"T_f": T_f, "R": R, **self._prop(out[:, 0] <= 0), "cost_vs_plain": cost})
         return {"inputs": "strongest per-sample attack on the undefended model (non-adaptive)", "cells": cells}
@@ -794,10 +793,10 @@ class Evaluator:
             return acc
 
         def eq11(xa, y):
-            return readout_logits(self.model, xa), attack.logits(self.model, xa)
+            return readout_logits(self.model, xa), _ce(attack.logits(self.model, xa), y)
 
         def ready_2n(xa, y):
-            return readout_logits(self.model, xa), phantom_forward(self.model, xa, n_steps=2 * self.N).logits
+            return readout_logits(self.model, xa), _ce(phantom_forward(self.model, xa, n_steps=2 * self.N).logits, y)
 
         def ready(xa, y):
             return readout_logits(self.model, xa), _ce(phantom_forward(self.model, xa).logits, y)
@@ -848,6 +847,14 @@ class Evaluator:
         from .report import assemble_results
 
         return assemble_results(self)
+
+
+def _without_families(identity: Optional[dict]) -> Optional[dict]:
+    """Resume compatibility ignores the attack families: adding one to a finished
+    evaluation runs just the new jobs (each job is named and seeded on its own)."""
+    if not identity:
+        return identity
+    return {**identity, "config": {k: v for k, v in identity["config"].items() if k != "families"}}
 
 
 def _ce(logits: Tensor, y: Tensor) -> Tensor:
