@@ -73,7 +73,7 @@ def assemble_results(ev: "Evaluator") -> dict:
         "library_version": __version__,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "checkpoint": ev.checkpoint_path,
-        "checkpoint_sha256": ev._identity()["checkpoint_sha256"],
+        "checkpoint_sha256": ev.checkpoint_sha256,
         "model": ev.ckpt.model_name,
         "n_steps": ev.N,
         "early_state": ev.k,

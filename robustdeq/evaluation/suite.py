@@ -35,7 +35,6 @@ from ..attacks import (
     intermediate_grid,
     margin,
     pgd_linf,
-    straight_through,
 )
 from ..defense import DefenseSetting
 from ..dynamics import phantom_forward
@@ -45,6 +44,7 @@ from .adaptive import (
     defended_surrogate_logits,
     gate_aware_loss,
     readout_logits,
+    surrogate_logits,
 )
 
 FAMILIES = (
@@ -166,6 +166,7 @@ class Evaluator:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.checkpoint_path = str(checkpoint)
         self.ckpt = load_checkpoint(checkpoint, map_location="cpu")
+        self.checkpoint_sha256 = _file_sha(self.checkpoint_path)
         self.model = self.ckpt.build_model(self.device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -190,7 +191,7 @@ class Evaluator:
     def _identity(self) -> dict:
         return {
             "format": STATE_FORMAT,
-            "checkpoint_sha256": _file_sha(self.checkpoint_path),
+            "checkpoint_sha256": self.checkpoint_sha256,
             "subset_id": self.subset_id,
             "config": self.config.to_dict(),
         }
@@ -488,30 +489,43 @@ class Evaluator:
         self._map(fn, self.x, idx, name, batch)
         return torch.cat(last["x"]) if last else self.x[idx]
 
-    def _ready_made_adv(self, name: str) -> Tensor:
-        """Ready-made PGD (paper 1 Sec. 4): the phantom gradient of z[N]."""
+    def _plain_surrogate(self, logits_fn: Callable[[Tensor], Tensor]):
+        """(real early-state logits, CE of ``logits_fn``) for attacks on the undefended model."""
 
         def surrogate(xa, y):
-            return readout_logits(self.model, xa), _ce(phantom_forward(self.model, xa).logits, y)
+            return readout_logits(self.model, xa), _ce(logits_fn(xa), y)
 
-        return self._tracked_pgd(name, surrogate)
+        return surrogate
+
+    def _ready_made_surrogate(self, n_steps: Optional[int] = None):
+        """The ready-made gradient (paper 1 Sec. 4): phantom gradient of z[n_steps] (default z[N])."""
+        return self._plain_surrogate(lambda xa: phantom_forward(self.model, xa, n_steps=n_steps).logits)
+
+    def _isolated_pgd(self, label: str, surrogate, idx: Optional[Tensor] = None, **kw) -> Tensor:
+        """Run a tracked PGD on the undefended model with its own tracker, so that it does not
+        enter the evaluation's worst case; returns the per-sample robust mask."""
+        saved = self.best["none"]
+        self.best["none"] = _Best(self.x, torch.tensor(self.jobs["clean"]["margin"]))
+        try:
+            self._tracked_pgd(label, surrogate, idx=idx, **kw)
+            return self.best["none"].robust
+        finally:
+            self.best["none"] = saved
+
+    def _ready_made_adv(self, name: str) -> Tensor:
+        """Ready-made PGD (paper 1 Sec. 4): the phantom gradient of z[N]."""
+        return self._tracked_pgd(name, self._ready_made_surrogate())
 
     def _ifgsm_adv(self, name: str) -> Tensor:
         """I-FGSM of paper 2 (Eq. 13-14): no random start, step 1/255, n from Eq. 14."""
-
-        def surrogate(xa, y):
-            return readout_logits(self.model, xa), _ce(phantom_forward(self.model, xa).logits, y)
-
         return self._tracked_pgd(
-            name, surrogate, steps=ifgsm_steps(self.config.eps), step_size=1 / 255, random_start=False
-        )
+            name, self._ready_made_surrogate(), steps=ifgsm_steps(self.config.eps), step_size=1 / 255,
+            random_start=False,
+        )  # fmt: skip
 
     def _intermediate_adv(self, attack: IntermediateAttack) -> Callable[[str], Tensor]:
         def make(name: str) -> Tensor:
-            def surrogate(xa, y):
-                return readout_logits(self.model, xa), _ce(attack.logits(self.model, xa), y)
-
-            return self._tracked_pgd(name, surrogate)
+            return self._tracked_pgd(name, self._plain_surrogate(lambda xa: attack.logits(self.model, xa)))
 
         return make
 
@@ -525,7 +539,7 @@ class Evaluator:
             attack = self.strongest_intermediate()
 
             def predict(xa):
-                return straight_through(readout_logits(self.model, xa), attack.logits(self.model, xa))
+                return surrogate_logits(self.model, xa, attack)
 
             c = self.config
             if kind == "ce":
@@ -685,19 +699,10 @@ class Evaluator:
         for eps in self.config.radii:
             steps = ifgsm_steps(eps)
             for kind in ("ifgsm", "pgd"):
-
-                def surrogate(xa, y):
-                    return readout_logits(self.model, xa), _ce(phantom_forward(self.model, xa).logits, y)
-
-                # a separate tracker: these do not enter the worst case at the main radius
-                saved = self.best["none"]
-                self.best["none"] = _Best(self.x, torch.tensor(self.jobs["clean"]["margin"]))
-                self._tracked_pgd(
-                    f"{kind}@{eps * 255:.0f}", surrogate, steps=steps, eps=eps, step_size=1 / 255,
-                    random_start=kind == "pgd",
+                robust = self._isolated_pgd(
+                    f"{kind}@{eps * 255:.0f}", self._ready_made_surrogate(), steps=steps, eps=eps,
+                    step_size=1 / 255, random_start=kind == "pgd",
                 )  # fmt: skip
-                robust = self.best["none"].robust
-                self.best["none"] = saved
                 out[f"{kind}@{eps * 255:g}/255"] = {"eps": eps, "steps": steps, **self._prop(robust)}
         return {"cells": out}
 
@@ -720,21 +725,14 @@ class Evaluator:
                     tc, ta = self.model.trajectory(xc), self.model.trajectory(xa)
                     add("entropy/clean", tc.entropies(1))
                     add("entropy/adversarial", ta.entropies(1))
-                    dev = torch.stack(
-                        [(ta.states[t] - tc.states[t]).norm(dim=1) / tc.states[t].norm(dim=1).clamp_min(1e-12)
-                         for t in range(1, self.N + 1)], 1)  # fmt: skip
-                    add("deviation/plain", dev)
+                    add("deviation/plain", _relative_deviation(ta, tc))
                 if d is not None:
                     rc, ra = d.run(self.model, xc), d.run(self.model, xa)
                     with torch.no_grad():
                         add("entropy/clean+defense", rc.trajectory.entropies(1))
                         add("entropy/adversarial+defense", ra.trajectory.entropies(1))
                         dh_adv.append((ra.trajectory.entropies(1) - ta.entropies(1)).cpu())
-                        dev_d = torch.stack(
-                            [(ra.trajectory.states[t] - rc.trajectory.states[t]).norm(dim=1)
-                             / rc.trajectory.states[t].norm(dim=1).clamp_min(1e-12) for t in range(1, self.N + 1)], 1
-                        )  # fmt: skip
-                        add("deviation/defense", dev_d)
+                        add("deviation/defense", _relative_deviation(ra.trajectory, rc.trajectory))
                 bar.update(len(chunk))
         out = {k: (v / self.n).tolist() for k, v in sums.items()}
         out["defense"] = d.name if d is not None else None
@@ -783,23 +781,12 @@ class Evaluator:
         n = min(c.check_n, self.n)
         idx = torch.arange(n)
         attack = self.strongest_intermediate()
-        saved = self.best["none"]
 
         def run(label, surrogate, **kw) -> float:
-            self.best["none"] = _Best(self.x, torch.tensor(self.jobs["clean"]["margin"]))
-            self._tracked_pgd(label, surrogate, idx=idx, **kw)
-            acc = float(self.best["none"].robust[:n].float().mean())
-            self.best["none"] = saved
-            return acc
+            return float(self._isolated_pgd(label, surrogate, idx=idx, **kw)[:n].float().mean())
 
-        def eq11(xa, y):
-            return readout_logits(self.model, xa), _ce(attack.logits(self.model, xa), y)
-
-        def ready_2n(xa, y):
-            return readout_logits(self.model, xa), _ce(phantom_forward(self.model, xa, n_steps=2 * self.N).logits, y)
-
-        def ready(xa, y):
-            return readout_logits(self.model, xa), _ce(phantom_forward(self.model, xa).logits, y)
+        eq11 = self._plain_surrogate(lambda xa: attack.logits(self.model, xa))
+        ready, ready_2n = self._ready_made_surrogate(), self._ready_made_surrogate(2 * self.N)
 
         out: Dict[str, object] = {"n": n, "surrogate": attack.name}
         sweep = {f"{e * 255:g}/255": run(f"sweep eps {e * 255:g}", eq11, eps=e, step_size=e / 4) for e in c.sweep_eps}
@@ -847,6 +834,14 @@ class Evaluator:
         from .report import assemble_results
 
         return assemble_results(self)
+
+
+def _relative_deviation(perturbed, clean) -> Tensor:
+    """[B, N] ||z~[t] - z[t]|| / ||z[t]|| for t = 1..N (paper 1 Fig. 3c)."""
+    return torch.stack(
+        [(p - c).norm(dim=1) / c.norm(dim=1).clamp_min(1e-12) for p, c in zip(perturbed.states[1:], clean.states[1:])],
+        1,
+    )
 
 
 def _without_families(identity: Optional[dict]) -> Optional[dict]:
