@@ -1,10 +1,10 @@
-# RobustDEQ Serve: the two newcomer commands are `make demo` and `make test`.
+# RobustDEQ Serve: the two newcomer commands are `make serve` and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint format bench train-shipped evaluate-shipped clean help
+.PHONY: setup serve stop archives demo test lint format bench train-shipped evaluate-shipped clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -17,7 +17,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	@touch $@
 
-demo: setup  ## the main job (until serving lands): classify test images, show the dynamics and the defense
+serve: setup  ## the main job: TorchServe on 127.0.0.1 with the shipped models (deq-tiny, lyadeq-tiny, plain + defended)
+	$(VENV)/bin/robustdeq serve
+
+stop:  ## stop the server started by make serve
+	$(VENV)/bin/robustdeq stop
+
+archives: setup  ## rebuild model_store/*.mar from the shipped checkpoints (byte-for-byte identical)
+	$(VENV)/bin/robustdeq archive --shipped
+
+demo: setup  ## classify test images in-process, show the dynamics and the defense
 	$(VENV)/bin/robustdeq demo
 
 test: setup  ## lint and run the test suite
@@ -41,4 +50,4 @@ evaluate-shipped: setup  ## the README's robustness figures: evaluate the shippe
 	bash training/evaluate_shipped.sh
 
 clean:  ## remove the virtual environment and caches
-	rm -rf $(VENV) .pytest_cache .ruff_cache runs *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache runs .serve *.egg-info

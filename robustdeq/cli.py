@@ -166,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub, _train)
     add_evaluate_parser(sub, _evaluate)
     add_compare_parser(sub, _compare)
+
+    from .serving.cli import add_serving_parsers
+
+    add_serving_parsers(sub)
     return parser
 
 

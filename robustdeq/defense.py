@@ -215,12 +215,14 @@ def gated_entropy_reduction(
     eps: Number = 8 / 255,
     n_steps: Optional[int] = None,
     record: bool = False,
+    plain: Optional[Trajectory] = None,
 ) -> DefenseResult:
     """Run Algorithm 1 only where the plain entropy at ``gate_state`` exceeds ``threshold``.
 
     The plain dynamics are always computed (they are the answer for the others, who
-    therefore cost exactly plain inference); the triggered samples are re-solved with
-    the defense. ``threshold`` may be per sample.
+    therefore cost exactly plain inference), or taken from ``plain`` when the caller
+    already has them; the triggered samples are re-solved with the defense.
+    ``threshold`` may be per sample (``-inf``: always defend, ``+inf``: never).
     """
     if model.training:
         raise RuntimeError("run the defense with the model in eval mode (model.eval())")
@@ -228,7 +230,10 @@ def gated_entropy_reduction(
     threshold = per_sample(threshold, B, x.dtype, dev, "threshold")
     n_steps = model.n_steps if n_steps is None else int(n_steps)
     with torch.no_grad():
-        plain = run_dynamics(model, x, n_steps=n_steps)
+        if plain is None:
+            plain = run_dynamics(model, x, n_steps=n_steps)
+        elif plain.n_steps != n_steps or plain.batch_size != B:
+            raise ValueError("the given plain trajectory does not match the batch and the number of steps")
         trigger = plain.entropy(gate_state) > threshold
     x_def = x.detach().clone()
     perturbation = x.new_zeros(B)

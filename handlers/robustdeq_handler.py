@@ -1,0 +1,147 @@
+"""TorchServe handler for RobustDEQ archives: parsing, validation and responses only.
+
+The model work (solve, early-state readout, Algorithm 1 of paper 1) is
+``robustdeq.serving.engine.InferenceEngine``; options and payloads are validated by
+``robustdeq.serving.options`` / ``inputs``. This file wires them to TorchServe:
+
+* ``initialize`` reads the archive's ``model-config.yaml`` (``handler`` section), loads the
+  checkpoint with ``weights_only=True`` and picks ``cuda:<gpu_id>`` when TorchServe assigns
+  a GPU, the CPU otherwise;
+* ``handle`` runs its own inference step (TorchServe's default one runs under
+  ``torch.inference_mode()``, which would forbid the defense's input gradients). A bad
+  request gets its own 4xx JSON error; the rest of the batch is answered normally;
+* a ``describe`` call (management API ``GET /models/<name>?customized=true``) or a JSON
+  body ``{"describe": true}`` returns the model's defaults, bounds and robustness card.
+"""
+
+import json
+import logging
+import os
+import time
+from http import HTTPStatus
+
+import torch
+
+import robustdeq
+from robustdeq.checkpoint import load_checkpoint
+from robustdeq.serving.inputs import decode_request
+from robustdeq.serving.metrics import METRICS, observations
+from robustdeq.serving.options import Limits, RequestError, parse_options
+
+logger = logging.getLogger(__name__)
+_KIND = {m.name: m.kind for m in METRICS}
+
+
+class RobustDEQHandler:
+    """One worker's handler: an ``InferenceEngine`` behind TorchServe's batch interface."""
+
+    def __init__(self):
+        self.engine = None
+        self.initialized = False
+
+    def initialize(self, context):
+        from robustdeq.serving.engine import InferenceEngine
+
+        props = context.system_properties
+        model_dir = props.get("model_dir")
+        section = dict((context.model_yaml_config or {}).get("handler") or {})
+        files = {k: section.pop(k) for k in ("checkpoint", "card", "labels", "library_version") if k in section}
+        limits = Limits.from_config(section)
+        if limits.torch_threads > 0:
+            torch.set_num_threads(limits.torch_threads)
+        gpu_id = props.get("gpu_id")
+        device = f"cuda:{gpu_id}" if torch.cuda.is_available() and gpu_id is not None else "cpu"
+        checkpoint = load_checkpoint(os.path.join(model_dir, files.get("checkpoint", "model.pt")))
+        card = _read_json(model_dir, files.get("card", "robustness_card.json"))
+        labels = _read_json(model_dir, files.get("labels", "index_to_name.json"))
+        kwargs = {"labels": [labels[str(i)] for i in range(len(labels))]} if labels else {}
+        self.engine = InferenceEngine(checkpoint, card, limits, device, name=context.model_name, **kwargs)
+        built_with = files.get("library_version")
+        if built_with and built_with != robustdeq.__version__:
+            logger.warning("archive built with robustdeq %s, serving with %s", built_with, robustdeq.__version__)
+        self.context = context
+        self.initialized = True
+        logger.info("RobustDEQ %s on %s, lane %s", context.model_name, device, limits.lane)
+
+    def handle(self, data, context):
+        self.context = context
+        if _header(context, 0, "describe") == "True":  # management API, ?customized=true
+            return [json.dumps(self.engine.describe())]
+        start = time.perf_counter()
+        engine = self.engine
+        responses = [None] * len(data)
+        accepted, rejected = [], []
+        for idx, item in enumerate(data):
+            try:
+                value, content_type = _payload(item, context, idx)
+                x, body = decode_request(value, content_type, engine.input_shape, engine.limits.max_image_side)
+                options = parse_options(
+                    {k: v for k, v in body.items() if k not in ("image", "array")},
+                    context.get_all_request_header(idx),
+                    engine.limits,
+                    engine.n_steps,
+                    engine.default_state,
+                )
+                if x is None:
+                    responses[idx] = engine.describe()
+                    continue
+                engine.check(options)
+                accepted.append((idx, x, options))
+            except RequestError as err:
+                rejected.append(err)
+                responses[idx] = err.to_dict()
+                context.set_response_status(err.status, HTTPStatus(err.status).phrase, idx)
+        answers = []
+        if accepted:
+            idxs, xs, opts = zip(*accepted)
+            answers, _ = engine.predict(torch.stack(xs), list(opts))
+            for idx, answer in zip(idxs, answers):
+                responses[idx] = answer
+        elapsed = time.perf_counter() - start
+        for idx in range(len(data)):
+            context.set_response_content_type(idx, "application/json")
+        self._emit(observations(engine.name, answers, rejected, elapsed, len(data)))
+        return [json.dumps(r) for r in responses]
+
+    def _emit(self, items):
+        metrics = getattr(self.context, "metrics", None)
+        if metrics is None:
+            return
+        for name, value, dims in items:
+            try:
+                from ts.metrics.metric_type_enum import MetricTypes
+
+                metric = metrics.get_metric(name, MetricTypes(_KIND[name]))
+                metric.add_or_update(value, list(dims))
+            except Exception:  # metrics must never fail a request
+                logger.exception("could not record metric %s", name)
+
+
+def _read_json(model_dir, name):
+    path = os.path.join(model_dir, name)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def _header(context, idx, key):
+    try:
+        value = context.get_request_header(idx, key)
+    except (IndexError, KeyError, TypeError, AttributeError):
+        return None
+    return value
+
+
+def _payload(item, context, idx):
+    """The body TorchServe received for one request and its content type."""
+    for key in ("data", "body"):
+        if key in item:
+            part = _header(context, idx, key)
+            content_type = part.get("content-type") if isinstance(part, dict) else None
+            return item[key], content_type
+    if item:
+        key = next(iter(item))
+        part = _header(context, idx, key)
+        return item[key], part.get("content-type") if isinstance(part, dict) else None
+    raise RequestError(400, "empty_body", "the request carries no body")

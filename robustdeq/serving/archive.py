@@ -1,0 +1,226 @@
+"""``robustdeq archive``: TorchServe model archives (.mar) from a checkpoint, reproducibly.
+
+One checkpoint becomes two archives, one per *lane* (plain and defended traffic never
+share a batch, because a batch finishes with its slowest item):
+
+* ``NAME.mar``: the plain lane (defense off; large batches, short delay and timeout);
+* ``NAME-defended.mar``: the defended lane (Algorithm 1 on / gated; small batches, a
+  timeout that covers the worst request the bounds allow).
+
+Each holds the checkpoint, the handler, ``model-config.yaml`` (TorchServe's batching
+settings plus the handler's defaults and bounds), the robustness card and the label
+names. ``torch-model-archiver`` builds the zip; it is then rewritten with sorted entries,
+fixed timestamps and permissions and a fixed ``createdOn``, so the same inputs give the
+same bytes (``make archives`` rebuilds the shipped ones and a test compares them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+from .. import __version__
+from ..checkpoint import load_checkpoint
+from ..data import CLASSES, PROJECT_ROOT
+from .options import Limits
+
+DEFAULT_HANDLER = PROJECT_ROOT / "handlers" / "robustdeq_handler.py"
+DEFAULT_STORE = PROJECT_ROOT / "model_store"
+DEFENDED_SUFFIX = "-defended"
+FIXED_DATE = (1980, 1, 1, 0, 0, 0)
+FIXED_CREATED_ON = "01/01/1980 00:00:00"
+LANES = ("plain", "defended")
+#: the archives shipped in model_store/ (``make archives``): endpoint name -> checkpoint
+SHIPPED = {
+    "deq-tiny": PROJECT_ROOT / "training" / "shipped" / "deq-tiny-trades-rs" / "model.pt",
+    "lyadeq-tiny": PROJECT_ROOT / "training" / "shipped" / "lyadeq-tiny-trades" / "model.pt",
+}
+
+__all__ = [
+    "LaneConfig",
+    "LANE_DEFAULTS",
+    "parse_lane_config",
+    "SHIPPED",
+    "build_archives",
+    "archive_name",
+    "sha256_file",
+    "DEFENDED_SUFFIX",
+]
+
+
+@dataclass(frozen=True)
+class LaneConfig:
+    """TorchServe's per-model batching settings for one lane (model-config.yaml top level)."""
+
+    batch_size: int
+    max_batch_delay_ms: int
+    response_timeout_s: int
+    workers: int = 1
+
+    def to_yaml(self) -> Dict[str, Any]:
+        return {
+            "minWorkers": self.workers,
+            "maxWorkers": self.workers,
+            "batchSize": self.batch_size,
+            "maxBatchDelay": self.max_batch_delay_ms,
+            "responseTimeout": self.response_timeout_s,
+        }
+
+
+#: The defended timeout covers the worst request the hard bounds allow with a wide margin:
+#: T_f = 1, R = 50 on a full batch of 4 took 3.5 s for lyadeq-tiny (1.1 s for deq-tiny) on
+#: one CPU thread here. Bigger models on a CPU need their own (``robustdeq archive --defended-lane``).
+LANE_DEFAULTS = {
+    "plain": LaneConfig(batch_size=16, max_batch_delay_ms=5, response_timeout_s=30),
+    "defended": LaneConfig(batch_size=4, max_batch_delay_ms=10, response_timeout_s=60),
+}
+
+
+def parse_lane_config(text: str) -> LaneConfig:
+    """``BATCH,DELAY_MS,TIMEOUT_S[,WORKERS]`` (e.g. ``4,10,60``)."""
+    try:
+        values = [int(v) for v in text.split(",")]
+        config = LaneConfig(*values)
+    except (TypeError, ValueError):
+        raise ValueError(f"lane setting {text!r}: expected BATCH,DELAY_MS,TIMEOUT_S[,WORKERS] as integers") from None
+    c = config
+    if c.batch_size < 1 or c.max_batch_delay_ms < 0 or c.response_timeout_s < 1 or c.workers < 1:
+        raise ValueError(f"lane setting {text!r}: batch, timeout and workers must be >= 1, the delay >= 0")
+    return config
+
+
+def archive_name(name: str, lane: str) -> str:
+    return name + (DEFENDED_SUFFIX if lane == "defended" else "")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_config(lane: str, lane_config: LaneConfig, limits: Limits) -> Dict[str, Any]:
+    handler = {"checkpoint": "model.pt", "card": "robustness_card.json", "labels": "index_to_name.json"}
+    handler["library_version"] = __version__
+    handler.update(limits.to_dict())
+    return {**lane_config.to_yaml(), "handler": handler}
+
+
+def _find_card(checkpoint: Path, card: Optional[Path]) -> Optional[Path]:
+    if card is not None:
+        if not card.is_file():
+            raise FileNotFoundError(f"robustness card {card} does not exist")
+        return card
+    candidate = checkpoint.parent / "robustness_card.json"
+    return candidate if candidate.is_file() else None
+
+
+def build_archives(
+    checkpoint: Path,
+    name: str,
+    out_dir: Path = DEFAULT_STORE,
+    card: Optional[Path] = None,
+    lanes: tuple = LANES,
+    handler: Path = DEFAULT_HANDLER,
+    lane_configs: Optional[Dict[str, LaneConfig]] = None,
+    defaults: Optional[Dict[str, Any]] = None,
+) -> List[Path]:
+    """Build one deterministic .mar per lane into ``out_dir``; returns their paths.
+
+    ``defaults`` overrides handler defaults/bounds (``T_f``, ``R``, ``max_R``, ...) for both lanes.
+    """
+    checkpoint, handler, out_dir = Path(checkpoint), Path(handler), Path(out_dir)
+    ckpt = load_checkpoint(checkpoint)  # refuses unsafe or corrupt files before anything is built
+    ckpt.build_model()
+    if not handler.is_file():
+        raise FileNotFoundError(f"handler {handler} does not exist")
+    card_path = _find_card(checkpoint, card)
+    if card_path is not None:
+        card_data = json.loads(card_path.read_text())
+        expected = card_data.get("checkpoint_sha256")
+        if expected and expected != sha256_file(checkpoint):
+            raise ValueError(f"robustness card {card_path} describes another checkpoint (sha256 {expected[:12]}...)")
+    unknown = set(lanes) - set(LANES)
+    if unknown:
+        raise ValueError(f"unknown lane(s) {sorted(unknown)}; lanes are {LANES}")
+    lane_configs = {**LANE_DEFAULTS, **(lane_configs or {})}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    built = []
+    for lane in lanes:
+        limits = Limits.from_config(
+            {**(defaults or {}), "lane": lane, "default_defense": "on" if lane == "defended" else "off"}
+        )
+        with tempfile.TemporaryDirectory(prefix="robustdeq-archive-") as tmp:
+            tmp = Path(tmp)
+            shutil.copyfile(checkpoint, tmp / "model.pt")
+            labels = {str(i): label for i, label in enumerate(CLASSES)}
+            (tmp / "index_to_name.json").write_text(json.dumps(labels, indent=1) + "\n")
+            extra = [tmp / "index_to_name.json"]
+            if card_path is not None:
+                shutil.copyfile(card_path, tmp / "robustness_card.json")
+                extra.append(tmp / "robustness_card.json")
+            config = model_config(lane, lane_configs[lane], limits)
+            header = f"# RobustDEQ archive {archive_name(name, lane)}: {lane} lane of {ckpt.model_name}\n"
+            (tmp / "model-config.yaml").write_text(header + yaml.safe_dump(config, sort_keys=True))
+            shutil.copyfile(handler, tmp / handler.name)
+            target = archive_name(name, lane)
+            cmd = [
+                _archiver(),
+                "--model-name", target,
+                "--version", __version__,
+                "--serialized-file", str(tmp / "model.pt"),
+                "--handler", str(tmp / handler.name),
+                "--extra-files", ",".join(str(p) for p in extra),
+                "--config-file", str(tmp / "model-config.yaml"),
+                "--export-path", str(tmp),
+                "--force",
+            ]  # fmt: skip
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"torch-model-archiver failed for {target}: {proc.stderr.strip() or proc.stdout}")
+            out = out_dir / f"{target}.mar"
+            _normalise_zip(tmp / f"{target}.mar", out)
+            built.append(out)
+    return built
+
+
+def _archiver() -> str:
+    exe = Path(sys.executable).parent / "torch-model-archiver"
+    if exe.is_file():
+        return str(exe)
+    found = shutil.which("torch-model-archiver")
+    if not found:
+        raise FileNotFoundError("torch-model-archiver is not installed (pip install torch-model-archiver==0.12.0)")
+    return found
+
+
+def _normalise_zip(src: Path, dst: Path) -> None:
+    """Rewrite a zip with sorted entries, fixed dates and modes, and a fixed ``createdOn``."""
+    with zipfile.ZipFile(src) as zin:
+        entries = {info.filename: zin.read(info.filename) for info in zin.infolist() if not info.is_dir()}
+    manifest = "MAR-INF/MANIFEST.json"
+    if manifest in entries:
+        data = json.loads(entries[manifest])
+        data["createdOn"] = FIXED_CREATED_ON
+        entries[manifest] = (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    with zipfile.ZipFile(tmp, "w") as zout:
+        for name in sorted(entries):
+            info = zipfile.ZipInfo(name, date_time=FIXED_DATE)
+            info.compress_type = zipfile.ZIP_STORED  # no zlib version in the bytes
+            info.external_attr = 0o644 << 16
+            info.create_system = 3
+            zout.writestr(info, entries[name])
+    tmp.replace(dst)

@@ -1,0 +1,190 @@
+"""``robustdeq archive | serve | stop | predict``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .archive import DEFAULT_HANDLER, DEFAULT_STORE, LANE_DEFAULTS, LANES
+from .server import DEFAULT_MODELS, DEFAULT_RUN_DIR, Ports
+
+
+def add_serving_parsers(sub) -> None:
+    p = sub.add_parser(
+        "archive",
+        help="build TorchServe archives (.mar) from a checkpoint",
+        description="Wrap a checkpoint into two TorchServe archives, NAME.mar (plain lane: defense off, large "
+        "batches) and NAME-defended.mar (defended lane: Algorithm 1 on or gated, small batches, long timeout). "
+        "Each holds the checkpoint, the handler, model-config.yaml, the robustness card and the label names. "
+        "The same inputs always give the same bytes.",
+    )
+    p.add_argument("--checkpoint", help="a model.pt written by 'robustdeq train'")
+    p.add_argument("--name", help="model name for the endpoints (/predictions/NAME)")
+    p.add_argument(
+        "--shipped",
+        action="store_true",
+        help="rebuild the shipped archives (deq-tiny, lyadeq-tiny) from training/shipped/ (what 'make archives' runs)",
+    )
+    p.add_argument("--out", default=str(DEFAULT_STORE), help="model store folder (default: model_store/)")
+    p.add_argument("--card", default=None, help="robustness_card.json (default: the one beside the checkpoint, if any)")
+    p.add_argument("--lanes", default=",".join(LANES), help="which archives to build (default: plain,defended)")
+    p.add_argument("--handler", default=str(DEFAULT_HANDLER), help="handler file (default: handlers/)")
+    for lane in LANES:
+        d = LANE_DEFAULTS[lane]
+        p.add_argument(
+            f"--{lane}-lane",
+            default=None,
+            metavar="B,D,T",
+            help=f"TorchServe batching of the {lane} lane: batch size, max batch delay (ms), response timeout (s), "
+            f"optionally workers (default {d.batch_size},{d.max_batch_delay_ms},{d.response_timeout_s},{d.workers})",
+        )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="handler default or bound, e.g. --set R=5 --set max_R=20 (see docs: T_f, R, beta, eps, top_k, max_R, "
+        "max_eps, max_beta, max_image_side, torch_threads)",
+    )
+    p.set_defaults(func=_archive)
+
+    p = sub.add_parser(
+        "serve",
+        help="start TorchServe on 127.0.0.1 with the shipped archives",
+        description="Start TorchServe with the hardened serving/config.properties (loopback only, token auth on, "
+        "model registration API off), load each model's plain and -defended archives, wait until every worker "
+        "is ready, and print the endpoints, where the token is, and a curl to paste. 'robustdeq stop' stops it.",
+    )
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS), help="models to load (default: %(default)s)")
+    p.add_argument("--store", default=str(DEFAULT_STORE), help="model store (default: model_store/)")
+    p.add_argument("--run-dir", default=str(DEFAULT_RUN_DIR), help="run folder: config, tokens, logs (.serve)")
+    for name, default in (("inference", 8080), ("management", 8081), ("metrics", 8082)):
+        p.add_argument(f"--{name}-port", type=int, default=default, help=f"{name} port (default {default})")
+    p.add_argument("--grpc-ports", type=int, nargs=2, default=(7070, 7071), metavar=("INFER", "MANAGE"))
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the workers (default 300)")
+    p.add_argument("--foreground", action="store_true", help="stay attached until Ctrl-C (containers)")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("stop", help="stop the server started by 'robustdeq serve'")
+    p.add_argument("--run-dir", default=str(DEFAULT_RUN_DIR))
+    p.set_defaults(func=_stop)
+
+    p = sub.add_parser(
+        "predict",
+        help="classify image files through a running server",
+        description="Send image files to a running server and print the prediction, the entropy along the "
+        "dynamics, what the defense did and what the robustness card says about the setting. The address and "
+        "token come from the run folder (or ROBUSTDEQ_URL / ROBUSTDEQ_TOKEN).",
+    )
+    p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...; any size)")
+    p.add_argument("--model", default=DEFAULT_MODELS[0], help="model name (default: %(default)s)")
+    p.add_argument("--defense", choices=("off", "on", "gated"), default="off")
+    p.add_argument("--T_f", type=int, default=None)
+    p.add_argument("--R", type=int, default=None)
+    p.add_argument("--beta", default=None, help="e.g. 2/255")
+    p.add_argument("--eps", default=None, help="e.g. 8/255")
+    p.add_argument("--state", type=int, default=None, help="early state to read (default: the checkpoint's)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--run-dir", default=str(DEFAULT_RUN_DIR))
+    p.add_argument("--json", action="store_true", help="print the raw JSON answers")
+    p.set_defaults(func=_predict)
+
+
+def _archive(args: argparse.Namespace) -> int:
+    from .archive import SHIPPED, build_archives, parse_lane_config
+
+    defaults = {}
+    for item in args.set:
+        if "=" not in item:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        defaults[key.strip()] = value.strip()
+    lanes = tuple(x.strip() for x in args.lanes.split(",") if x.strip())
+    if args.shipped:
+        jobs = [(path, name, None) for name, path in SHIPPED.items()]
+    elif args.checkpoint and args.name:
+        jobs = [(Path(args.checkpoint), args.name, Path(args.card) if args.card else None)]
+    else:
+        raise ValueError("give --checkpoint and --name, or --shipped")
+    lane_configs = {}
+    for lane in LANES:
+        text = getattr(args, f"{lane}_lane")
+        if text:
+            lane_configs[lane] = parse_lane_config(text)
+    built = []
+    for checkpoint, name, card in jobs:
+        built += build_archives(
+            checkpoint, name, Path(args.out), card, lanes, Path(args.handler), lane_configs, defaults
+        )
+    for path in built:
+        print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .server import ServerError, start_server
+
+    ports = Ports(args.inference_port, args.management_port, args.metrics_port, *args.grpc_ports)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    try:
+        info = start_server(Path(args.run_dir), models, Path(args.store), ports, timeout=args.timeout)
+    except ServerError as exc:
+        print(f"robustdeq serve: error: {exc}", file=sys.stderr)
+        return 1
+    key_file = info.key_file
+    token_cmd = f"python3 -c \"import json;print(json.load(open('{key_file}'))['inference']['key'])\""
+    print(f"\nTorchServe is up (pid {info.pid}), run folder {info.run_dir}")
+    print(f"  inference   {info.inference_url}/predictions/<model>   models: {', '.join(info.models)}")
+    print(f"  management  {info.management_url}   (management key; model registration is off)")
+    print(f"  metrics     {info.metrics_url}/metrics   (Prometheus text)")
+    print(f"  tokens      {key_file}  (inference / management keys; they expire, see README)")
+    example = Path(__file__).resolve().parents[2] / "serving" / "examples" / "cat.png"
+    image = example if example.is_file() else Path("IMAGE.png")
+    print("\nTry it:")
+    print(f"  TOKEN=$({token_cmd})")
+    print(
+        f'  curl -s {info.inference_url}/predictions/{models[0]} -H "Authorization: Bearer $TOKEN" '
+        f'-H "Content-Type: image/png" --data-binary @{image}'
+    )
+    print(
+        f'  curl -s {info.inference_url}/predictions/{models[0]}-defended -H "Authorization: Bearer $TOKEN" '
+        f'-H "Content-Type: image/png" -H "X-T-f: 2" -H "X-R: 10" --data-binary @{image}'
+    )
+    print(f"  robustdeq predict {image} --defense on     # the Python client")
+    print("Stop it with: robustdeq stop   (or make stop)")
+    if args.foreground:
+        from .server import wait_until_stopped
+
+        wait_until_stopped(info)
+    return 0
+
+
+def _stop(args: argparse.Namespace) -> int:
+    from .server import stop_server
+
+    stop_server(Path(args.run_dir))
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .client import Client, summarise
+    from .server import ServerError
+
+    try:
+        client = Client.from_run_dir(Path(args.run_dir))
+    except ServerError as exc:
+        print(f"robustdeq predict: error: {exc}", file=sys.stderr)
+        return 1
+    options = dict(defense=args.defense, T_f=args.T_f, R=args.R, beta=args.beta, eps=args.eps, state=args.state)
+    options["top_k"] = args.top_k
+    worst = 0
+    for image in args.images:
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"image {path} does not exist")
+        status, answer = client.predict_file(args.model, path, **options)
+        worst = max(worst, 0 if status == 200 else 1)
+        print(json.dumps(answer, indent=1) if args.json else summarise(str(path), status, answer))
+    return worst

@@ -1,0 +1,388 @@
+"""Serving without a server: options, payloads, the engine, metrics, archives, the handler.
+
+The handler tests drive ``handlers/robustdeq_handler.py`` with TorchServe's own request
+plumbing (``ts.service.Service.retrieve_data_for_inference``, ``ts.context.Context``,
+the YAML metrics cache) on an archive extracted from ``model_store/``.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import io
+import json
+import logging
+import math
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from robustdeq.checkpoint import load_checkpoint
+from robustdeq.data import PROJECT_ROOT
+from robustdeq.defense import entropy_reduction
+from robustdeq.serving import archive as archive_mod
+from robustdeq.serving.engine import InferenceEngine
+from robustdeq.serving.inputs import decode_request
+from robustdeq.serving.metrics import METRICS, observations, render_metrics_yaml
+from robustdeq.serving.options import HARD_MAX_R, Limits, RequestError, parse_options
+from robustdeq.serving.server import Ports, render_config
+
+SHIPPED = PROJECT_ROOT / "training" / "shipped" / "deq-tiny-trades-rs"
+STORE = PROJECT_ROOT / "model_store"
+SHAPE = (3, 32, 32)
+
+
+def png_bytes(array_hwc: np.ndarray, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array_hwc).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def options(body=None, headers=None, lane="defended", n_steps=8):
+    limits = Limits(lane=lane, default_defense="on" if lane == "defended" else "off")
+    return parse_options(body or {}, headers or {}, limits, n_steps, default_state=5)
+
+
+def reason_of(fn):
+    with pytest.raises(RequestError) as info:
+        fn()
+    return info.value.status, info.value.reason
+
+
+# ---- options ------------------------------------------------------------------------------
+def test_option_defaults_headers_and_precedence():
+    o = options()
+    assert (o.state, o.defense, o.T_f, o.R, o.top_k) == (5, "on", 2, 10, 3)
+    assert math.isclose(o.beta, 2 / 255) and math.isclose(o.eps, 8 / 255)
+    o = options(headers={"X-T-f": "1", "x-r": "4", "X-Eps": "4/255", "X-Top-K": "5", "X-Forwarded-For": "1.2.3.4"})
+    assert (o.T_f, o.R, o.top_k) == (1, 4, 5) and math.isclose(o.eps, 4 / 255)
+    o = options(body={"R": 7}, headers={"X-R": "3"})  # the body wins
+    assert o.R == 7
+    assert options(body={"state": -1}).state == 8  # negative indices count from z[N]
+    assert options(body={"defense": "gated"}).defense == "gated"
+    assert options(lane="plain").defense == "off"
+
+
+@pytest.mark.parametrize(
+    "body,lane,reason",
+    [
+        ({"Rr": 3}, "defended", "unknown_option"),
+        ({"R": HARD_MAX_R + 1}, "defended", "option_out_of_bounds"),
+        ({"R": -1}, "defended", "option_out_of_bounds"),
+        ({"T_f": 0}, "defended", "option_out_of_bounds"),
+        ({"T_f": 9}, "defended", "option_out_of_bounds"),
+        ({"eps": 1.0}, "defended", "option_out_of_bounds"),
+        ({"beta": "1/2"}, "defended", "option_out_of_bounds"),
+        ({"state": 0}, "defended", "option_out_of_bounds"),
+        ({"state": 9}, "defended", "option_out_of_bounds"),
+        ({"top_k": 11}, "defended", "option_out_of_bounds"),
+        ({"R": 2.5}, "defended", "bad_option_value"),
+        ({"R": "ten"}, "defended", "bad_option_value"),
+        ({"eps": "nan"}, "defended", "bad_option_value"),
+        ({"R": True}, "defended", "bad_option_value"),
+        ({"defense": "maybe"}, "defended", "bad_option_value"),
+        ({"defense": "on"}, "plain", "wrong_lane"),
+        ({"defense": "gated"}, "plain", "wrong_lane"),
+    ],
+)
+def test_option_errors_name_the_problem(body, lane, reason):
+    status, got = reason_of(lambda: options(body=body, lane=lane))
+    assert status == 400 and got == reason
+
+
+def test_limits_from_config():
+    limits = Limits.from_config({"lane": "defended", "default_defense": "on", "R": "5", "max_R": 20, "eps": "4/255"})
+    assert limits.R == 5 and limits.max_R == 20 and math.isclose(limits.eps, 4 / 255)
+    with pytest.raises(ValueError, match="unknown handler setting"):
+        Limits.from_config({"RR": 3})
+    with pytest.raises(ValueError, match="max_R"):
+        Limits.from_config({"max_R": HARD_MAX_R + 1})
+    with pytest.raises(ValueError, match="plain lane"):
+        Limits.from_config({"lane": "plain", "default_defense": "on"})
+    # an archive can narrow the bounds: R above its max_R is refused
+    narrow = Limits(lane="defended", default_defense="on", R=5, max_R=8)
+    with pytest.raises(RequestError, match=r"\[0, 8\]"):
+        parse_options({"R": 9}, {}, narrow, 8, 5)
+
+
+# ---- payloads ------------------------------------------------------------------------------
+def test_images_of_any_size_and_mode_become_model_inputs():
+    rng = np.random.default_rng(0)
+    exact = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    x, body = decode_request(png_bytes(exact), "image/png", SHAPE)
+    assert body == {} and x.shape == SHAPE
+    assert torch.equal(x, torch.from_numpy(exact).permute(2, 0, 1).float() / 255)  # PNG at 32x32: lossless
+    big = rng.integers(0, 256, (300, 200, 3), dtype=np.uint8)
+    x, _ = decode_request(png_bytes(big, "JPEG"), "image/jpeg", SHAPE)
+    assert x.shape == SHAPE and 0 <= float(x.min()) and float(x.max()) <= 1
+    gray = rng.integers(0, 256, (40, 50), dtype=np.uint8)
+    assert decode_request(png_bytes(gray), None, SHAPE)[0].shape == SHAPE
+    rgba = rng.integers(0, 256, (20, 20, 4), dtype=np.uint8)
+    assert decode_request(png_bytes(rgba), "application/octet-stream", SHAPE)[0].shape == SHAPE
+    encoded = base64.b64encode(png_bytes(exact)).decode()
+    x, body = decode_request({"image": encoded, "R": 3}, "application/json", SHAPE)
+    assert torch.equal(x, torch.from_numpy(exact).permute(2, 0, 1).float() / 255) and body["R"] == 3
+    arr = torch.rand(3, 32, 32)
+    x, _ = decode_request({"array": arr.tolist()}, "application/json", SHAPE)
+    assert torch.allclose(x, arr)
+    x, _ = decode_request({"array": arr[None].tolist()}, "application/json", SHAPE)
+    assert x.shape == SHAPE
+
+
+@pytest.mark.parametrize(
+    "value,ctype,status,reason",
+    [
+        (b"", "image/png", 400, "empty_body"),
+        (b"definitely not an image", "image/png", 400, "corrupt_image"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "image/png", 400, "corrupt_image"),
+        ({"array": np.zeros((3, 28, 28)).tolist()}, "application/json", 400, "bad_array_shape"),
+        ({"array": [[1, 2], [3]]}, "application/json", 400, "bad_array"),
+        ({"array": np.full((3, 32, 32), np.nan).tolist()}, "application/json", 400, "non_finite"),
+        ({"array": np.full((3, 32, 32), 3.0).tolist()}, "application/json", 400, "array_out_of_range"),
+        ({"image": "***"}, "application/json", 400, "bad_base64"),
+        ({"image": "aGVsbG8=", "array": [0]}, "application/json", 400, "bad_json"),
+        ({"R": 3}, "application/json", 400, "bad_json"),
+        (b"{not json", "application/json", 400, "bad_json"),
+        ([1, 2, 3], "application/json", 400, "bad_json"),
+        ("some text", "text/plain", 415, "unsupported_content_type"),
+        (b"<xml/>", "application/xml", 415, "unsupported_content_type"),
+    ],
+)
+def test_bad_payloads_get_4xx_with_a_reason(value, ctype, status, reason):
+    assert reason_of(lambda: decode_request(value, ctype, SHAPE)) == (status, reason)
+
+
+def test_oversized_images_are_refused():
+    big = np.zeros((10, 5000, 3), dtype=np.uint8)
+    assert reason_of(lambda: decode_request(png_bytes(big), "image/png", SHAPE, max_side=4096)) == (
+        413,
+        "image_too_large",
+    )
+
+
+# ---- engine --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def engine():
+    ckpt = load_checkpoint(SHIPPED / "model.pt")
+    card = json.loads((SHIPPED / "robustness_card.json").read_text())
+    return InferenceEngine(ckpt, card, Limits(lane="defended", default_defense="on"), name="deq-tiny-defended")
+
+
+def test_engine_matches_the_library_per_request(engine, test_batch):
+    x = test_batch[0][:6]
+    opts = [
+        options(body={"defense": "off"}),
+        options(body={"defense": "off", "state": -1}),
+        options(body={"defense": "on", "T_f": 2, "R": 10}),
+        options(body={"defense": "on", "T_f": 1, "R": 3}),
+        options(body={"defense": "on", "R": 0}),
+        options(body={"defense": "gated"}),
+    ]
+    answers, timing = engine.predict(x, opts)
+    model = engine.model
+    with torch.no_grad():  # the references need no graph (the defense enables it where it must)
+        plain = model.trajectory(x)
+        assert answers[0]["index"] == int(plain.predict(5)[0])
+        assert answers[1]["index"] == int(plain.predict(-1)[1]) and answers[1]["state"] == 8
+        for i, (T_f, R) in ((2, (2, 10)), (3, (1, 3))):
+            ref = entropy_reduction(model, x[i : i + 1], T_f=T_f, R=R)
+            assert answers[i]["index"] == int(ref.trajectory.predict(5)[0])
+            assert answers[i]["defense"]["ran"] is True
+            assert answers[i]["entropy"] == pytest.approx(float(ref.trajectory.entropy(5)[0]), abs=1e-5)
+            assert answers[i]["defense"]["entropy_reduction"] == pytest.approx(
+                float(ref.plain.entropy(5)[0] - ref.trajectory.entropy(5)[0]), abs=1e-5
+            )
+            assert 0 < answers[i]["defense"]["perturbation_linf"] <= 8 / 255 + 1e-6
+        assert answers[4]["defense"]["ran"] is False and answers[4]["index"] == int(plain.predict(5)[4])
+        gate = engine.gate
+        triggered = float(plain.entropy(gate["state"])[5]) > gate["threshold"]
+        assert answers[5]["defense"]["triggered"] is triggered and answers[5]["high_entropy"] is triggered
+    for a in answers:
+        assert len(a["entropy_trajectory"]) == 8 and len(a["residual_trajectory"]) == 8
+        assert len(a["top_k"]) == 3 and a["top_k"][0]["index"] == a["index"]
+        assert sum(t["probability"] for t in a["top_k"]) <= 1 + 1e-6
+    assert timing.solve > 0 and timing.defense > 0 and timing.batch_size == 6
+    assert answers[0]["timing_ms"]["defense"] == 0 and answers[2]["timing_ms"]["defense"] > 0
+
+
+def test_engine_reports_the_card_entry_for_the_setting(engine):
+    entry = engine.card_entry(options(body={"defense": "on"}))
+    assert entry["name"] == "defense-T2-R10" and entry["robust"]["acc"] == pytest.approx(0.203)
+    assert engine.card_entry(options(body={"defense": "off"}))["name"] == "none"
+    assert engine.card_entry(options(body={"defense": "off", "state": 8})) is None  # not the evaluated state
+    assert engine.card_entry(options(body={"defense": "on", "eps": "4/255"})) is None  # not the evaluated eps
+    assert engine.card_entry(options(body={"defense": "on", "R": 7})) is None  # not in the card
+    described = engine.describe()
+    assert described["robustness_card"]["schema"] == "robustdeq.robustness_card/1"
+    assert described["gate"]["state"] == 5 and described["limits"]["max_R"] == HARD_MAX_R
+
+
+def test_gated_needs_an_evaluated_threshold():
+    ckpt = load_checkpoint(SHIPPED / "model.pt")
+    bare = InferenceEngine(ckpt, None, Limits(lane="defended", default_defense="on"))
+    assert reason_of(lambda: bare.check(options(body={"defense": "gated"}))) == (400, "gate_unavailable")
+    answers, _ = bare.predict(torch.rand(1, 3, 32, 32), [options(body={"defense": "on", "R": 1})])
+    assert answers[0]["robustness"] is None and answers[0]["high_entropy"] is None
+
+
+# ---- metrics ---------------------------------------------------------------------------------
+def test_metrics_yaml_declares_every_handler_metric():
+    text = (PROJECT_ROOT / "serving" / "metrics.yaml").read_text()
+    regenerate = "python -m robustdeq.serving.metrics > serving/metrics.yaml"
+    assert text == render_metrics_yaml(), f"serving/metrics.yaml is stale: run {regenerate}"
+    declared = yaml.safe_load(text)["model_metrics"]
+    names = {m["name"]: (kind, tuple(m["dimensions"])) for kind, ms in declared.items() for m in ms}
+    assert names == {m.name: (m.kind, m.dimensions) for m in METRICS}
+
+
+def test_observations_cover_the_modes(engine, test_batch):
+    x = test_batch[0][:3]
+    opts = [options(body={"defense": d}) for d in ("off", "on", "gated")]
+    answers, _ = engine.predict(x, opts)
+    err = RequestError(400, "corrupt_image", "x")
+    obs = observations("m", answers, [err], 0.1, 4)
+    names = [name for name, _, _ in obs]
+    assert names.count("robustdeq_requests_total") == 3
+    assert ("robustdeq_rejected_requests_total", 1.0, ("m", "corrupt_image", "400")) in obs
+    assert names.count("robustdeq_defended_requests_total") == sum(a["defense"]["ran"] for a in answers)
+    gated_through = 0 if answers[2]["defense"]["ran"] else 1
+    assert names.count("robustdeq_gated_through_requests_total") == gated_through
+
+
+# ---- archives and config ---------------------------------------------------------------------
+def test_shipped_archives_rebuild_byte_for_byte(tmp_path):
+    for name, checkpoint in archive_mod.SHIPPED.items():
+        built = archive_mod.build_archives(checkpoint, name, tmp_path)
+        for path in built:
+            shipped = STORE / path.name
+            assert shipped.is_file(), f"{shipped} missing: run make archives"
+            assert path.read_bytes() == shipped.read_bytes(), f"{shipped} is stale: run make archives"
+    with zipfile.ZipFile(STORE / "deq-tiny-defended.mar") as z:
+        names = set(z.namelist())
+        config = yaml.safe_load(z.read("model-config.yaml"))
+        assert z.read("model.pt") == (SHIPPED / "model.pt").read_bytes()
+    assert {"model.pt", "robustdeq_handler.py", "model-config.yaml", "robustness_card.json"} <= names
+    assert {"index_to_name.json", "MAR-INF/MANIFEST.json"} <= names
+    assert config["handler"]["lane"] == "defended" and config["batchSize"] < 16
+    assert config["responseTimeout"] >= 60
+
+
+def test_archive_refuses_a_card_of_another_checkpoint(tmp_path):
+    other = PROJECT_ROOT / "training" / "shipped" / "deq-tiny-trades" / "robustness_card.json"
+    with pytest.raises(ValueError, match="another checkpoint"):
+        archive_mod.build_archives(SHIPPED / "model.pt", "x", tmp_path, card=other)
+    with pytest.raises(ValueError, match="max_R"):
+        archive_mod.build_archives(SHIPPED / "model.pt", "x", tmp_path, defaults={"max_R": 500})
+    assert not list(tmp_path.glob("*.mar"))
+
+
+def test_rendered_config_is_hardened(tmp_path):
+    text = render_config(
+        PROJECT_ROOT / "serving" / "config.properties",
+        STORE,
+        ["deq-tiny", "deq-tiny-defended"],
+        Ports(18080, 18081, 18082, 17070, 17071),
+        PROJECT_ROOT / "serving" / "metrics.yaml",
+        system_metrics=False,
+    )
+    props = dict(line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("#"))
+    assert props["inference_address"] == "http://127.0.0.1:18080"
+    assert props["management_address"].startswith("http://127.0.0.1:")
+    assert props["metrics_address"].startswith("http://127.0.0.1:")
+    assert props["grpc_inference_address"] == "127.0.0.1" and props["grpc_management_address"] == "127.0.0.1"
+    assert props["disable_token_authorization"] == "false" and props["enable_model_api"] == "false"
+    assert props["install_py_dep_per_model"] == "false" and props["disable_system_metrics"] == "true"
+    assert props["load_models"] == "deq-tiny.mar,deq-tiny-defended.mar"
+    assert props["allowed_urls"].startswith("^file://" + str(STORE.resolve()).replace("/", "/"))
+    assert props["metrics_mode"] == "prometheus"
+
+
+# ---- the handler, driven by TorchServe's own request plumbing ----------------------------------
+def _load_handler_class():
+    path = PROJECT_ROOT / "handlers" / "robustdeq_handler.py"
+    spec = importlib.util.spec_from_file_location("robustdeq_handler", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.RobustDEQHandler
+
+
+@pytest.fixture(scope="module")
+def handler_and_context(tmp_path_factory):
+    pytest.importorskip("ts")
+    from ts.context import Context
+    from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+
+    model_dir = tmp_path_factory.mktemp("deq-tiny-defended")
+    with zipfile.ZipFile(STORE / "deq-tiny-defended.mar") as z:
+        z.extractall(model_dir)
+    metrics = MetricsCacheYamlImpl(str(PROJECT_ROOT / "serving" / "metrics.yaml"))
+    metrics.initialize_cache()
+    config = yaml.safe_load((model_dir / "model-config.yaml").read_text())
+    context = Context("deq-tiny-defended", str(model_dir), {}, 4, None, "0.12.0", metrics=metrics)
+    context.model_yaml_config = config
+    handler = _load_handler_class()()
+    handler.initialize(context)
+    return handler, context
+
+
+def _request(req_id, body, content_type, headers=None):
+    head = [{"name": k.encode(), "value": v.encode()} for k, v in (headers or {}).items()]
+    if content_type == "application/json" and not isinstance(body, (bytes, bytearray)):
+        value = body  # TorchServe decodes JSON bodies before the handler sees them
+    else:
+        value = body
+    return {
+        "requestId": req_id.encode(),
+        "headers": head,
+        "parameters": [{"name": "body", "contentType": content_type, "value": value}],
+    }
+
+
+def _run_batch(handler, context, batch):
+    from ts.service import Service
+
+    processors, inputs, req_ids = Service.retrieve_data_for_inference(batch)
+    context.request_processor = processors
+    context.request_ids = req_ids
+    context.metrics.request_ids = req_ids
+    out = handler.handle(inputs, context)
+    return [(context.get_response_status(i)[0], json.loads(o)) for i, o in enumerate(out)]
+
+
+def test_handler_answers_a_mixed_batch_and_rejects_only_the_bad_items(handler_and_context, cifar_test, caplog):
+    handler, context = handler_and_context
+    image = cifar_test.images[3531].permute(1, 2, 0).numpy()
+    good = png_bytes(image)
+    batch = [
+        _request("a", good, "image/png", {"X-R": "5"}),
+        _request("b", b"garbage", "image/png"),
+        _request("c", {"array": np.full((3, 32, 32), np.nan).tolist()}, "application/json"),
+        _request("d", good, "image/png", {"X-Defense": "off"}),
+        _request("e", {"image": base64.b64encode(good).decode(), "T_f": 1, "R": 2}, "application/json"),
+        _request("f", good, "image/png", {"X-R": "500"}),
+        _request("g", "hello", "text/plain"),
+        _request("h", {"describe": True}, "application/json"),
+    ]
+    with caplog.at_level(logging.INFO):
+        results = _run_batch(handler, context, batch)
+    statuses = [s for s, _ in results]
+    assert statuses == [200, 400, 400, 200, 200, 400, 415, 200]
+    assert [results[i][1]["reason"] for i in (1, 2, 5, 6)] == [
+        "corrupt_image",
+        "non_finite",
+        "option_out_of_bounds",
+        "unsupported_content_type",
+    ]
+    a, d, e = results[0][1], results[3][1], results[4][1]
+    assert a["defense"]["ran"] and a["defense"]["R"] == 5 and not d["defense"]["ran"]
+    assert e["defense"]["T_f"] == 1 and e["defense"]["R"] == 2
+    assert a["model"] == "deq-tiny-defended" and results[7][1]["robustness_card"]["early_state"] == 5
+    assert all(context.get_response_content_type(i) == "application/json" for i in range(len(batch)))
+    # the metrics went to TorchServe's metric log lines, with the declared names and dimensions
+    emitted = "\n".join(r.getMessage() for r in caplog.records)
+    assert "robustdeq_rejected_requests_total.Count:1.0|#ModelName:deq-tiny-defended,Reason:corrupt_image" in emitted
+    assert "robustdeq_defended_requests_total.Count:1.0|#ModelName:deq-tiny-defended,Mode:on" in emitted

@@ -1,0 +1,307 @@
+"""A real TorchServe on free loopback ports, started and stopped with the CLI.
+
+Everything goes over HTTP: predictions checked against the in-process library, per-request
+T_f / R, bad inputs among concurrent good ones, the Prometheus scrape of the metrics port
+(parsed with prometheus-client), token protection, and a killed worker.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from robustdeq.checkpoint import load_checkpoint
+from robustdeq.data import PROJECT_ROOT
+from robustdeq.serving.client import Client
+from robustdeq.serving.engine import gate_from_card
+from robustdeq.serving.metrics import METRICS
+from robustdeq.serving.server import http_get, read_keys, read_server_info
+
+SHIPPED = PROJECT_ROOT / "training" / "shipped" / "deq-tiny-trades-rs"
+
+pytestmark = pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java 17")
+
+
+def free_ports(n: int):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def robustdeq_cli(*args, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "robustdeq", *args], capture_output=True, text=True, timeout=timeout, cwd=PROJECT_ROOT
+    )
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("serve")
+    inference, management, metrics, g1, g2 = free_ports(5)
+    proc = robustdeq_cli(
+        "serve", "--run-dir", str(run_dir), "--models", "deq-tiny",
+        "--inference-port", str(inference), "--management-port", str(management), "--metrics-port", str(metrics),
+        "--grpc-ports", str(g1), str(g2), "--timeout", "240",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Authorization: Bearer $TOKEN" in proc.stdout and "key_file.json" in proc.stdout
+    info = read_server_info(run_dir)
+    yield info
+    stopped = robustdeq_cli("stop", "--run-dir", str(run_dir), timeout=60)
+    assert stopped.returncode == 0, stopped.stderr
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return Client(server.inference_url, read_keys(Path(server.run_dir))["inference"])
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The in-process library on the same checkpoint the archives hold."""
+    model = load_checkpoint(SHIPPED / "model.pt").build_model()
+    card = json.loads((SHIPPED / "robustness_card.json").read_text())
+    return model, gate_from_card(card)
+
+
+def png(images_uint8: torch.Tensor) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(images_uint8.permute(1, 2, 0).numpy()).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def scrape(server):
+    status, body = http_get(server.metrics_url + "/metrics")
+    assert status == 200
+    families = {}
+    for family in text_string_to_metric_families(body.decode()):
+        families[family.name] = family
+    return families
+
+
+def family(families, name):
+    """A family by its exposed name (the parser drops a counter's ``_total``)."""
+    return families.get(name) or families.get(name.removesuffix("_total"))
+
+
+def sample_value(families, name, suffix="", **labels):
+    fam = family(families, name)
+    if fam is None:
+        return 0.0
+    total = 0.0
+    for s in fam.samples:
+        if s.name.endswith(suffix) and all(s.labels.get(k) == v for k, v in labels.items()):
+            if suffix or not s.name.endswith(("_bucket", "_count", "_sum", "_created")):
+                total += s.value
+    return total
+
+
+def test_accuracy_over_http_matches_the_library(server, client, reference, cifar_test):
+    model, _ = reference
+    idx = torch.randperm(len(cifar_test), generator=torch.Generator().manual_seed(1))[:100]
+    images, labels = cifar_test.images[idx], cifar_test.labels[idx]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda im: client.predict("deq-tiny", png(im), "image/png"), images))
+    assert all(status == 200 for status, _ in results), [a for s, a in results if s != 200][:3]
+    served = torch.tensor([a["index"] for _, a in results])
+    with torch.no_grad():
+        local = model.trajectory(images.float() / 255).predict(model.readout_index())
+    assert abs(int((served == labels).sum()) - int((local == labels).sum())) <= 1
+    assert int((served == local).sum()) >= 99
+    assert max(a["timing_ms"]["batch_size"] for _, a in results) > 1, "concurrent requests were never batched"
+    assert all(a["state"] == 5 and a["defense"] == {"mode": "off", "ran": False} for _, a in results)
+
+
+def test_per_request_T_f_and_R_change_the_work(server, client, cifar_test):
+    image = png(cifar_test.images[3531])
+    before = scrape(server)
+    answers = {}
+    for R in (0, 2, 20):
+        status, answers[R] = client.predict("deq-tiny", image, "image/png", defense="on", T_f=1, R=R)
+        assert status == 200, answers[R]
+    assert [answers[R]["defense"]["ran"] for R in (0, 2, 20)] == [False, True, True]
+    assert answers[0]["timing_ms"]["defense"] == 0.0
+    assert answers[20]["timing_ms"]["defense"] > answers[2]["timing_ms"]["defense"] > 0
+    assert answers[20]["defense"]["perturbation_linf"] >= answers[2]["defense"]["perturbation_linf"] > 0
+    assert answers[2]["model"] == "deq-tiny-defended"  # the client routed the defended request
+    after = scrape(server)
+    dims = dict(ModelName="deq-tiny-defended", Mode="on")
+    grew = sample_value(after, "robustdeq_defended_requests_total", **dims) - sample_value(
+        before, "robustdeq_defended_requests_total", **dims
+    )
+    assert grew == 2
+    timed = sample_value(after, "robustdeq_defense_seconds", "_count", **dims) - sample_value(
+        before, "robustdeq_defense_seconds", "_count", **dims
+    )
+    assert timed == 2
+
+
+def test_bad_inputs_get_4xx_while_concurrent_good_requests_succeed(server, client, reference, cifar_test):
+    model, _ = reference
+    good_idx = list(range(20))
+    good_images = [cifar_test.images[i * 97] for i in good_idx]
+    with torch.no_grad():
+        expected = model.trajectory(torch.stack(good_images).float() / 255).predict(model.readout_index())
+    nan_array = np.full((3, 32, 32), np.nan).tolist()
+    bad = [
+        (("deq-tiny", b"", "image/png"), {}, "empty_body"),
+        (("deq-tiny", b"\x89PNG not really", "image/png"), {}, "corrupt_image"),
+        (("deq-tiny", b"hello", "text/plain"), {}, "unsupported_content_type"),
+        (("deq-tiny", png(good_images[0]), "image/png"), {"defense": "on", "R": 51}, "option_out_of_bounds"),
+        (("deq-tiny", png(good_images[0]), "image/png"), {"defense": "on", "T_f": 0}, "option_out_of_bounds"),
+        (("deq-tiny", png(good_images[0]), "image/png"), {"state": 42}, "option_out_of_bounds"),
+        (("deq-tiny", png(good_images[0]), "image/png"), {"defense": "on", "eps": "one"}, "bad_option_value"),
+    ]
+    json_bad = [
+        ({"array": np.zeros((3, 8, 8)).tolist()}, "bad_array_shape"),
+        ({"array": nan_array}, "non_finite"),
+        ({"image": base64.b64encode(png(good_images[0])).decode(), "R_typo": 3}, "unknown_option"),
+    ]
+
+    def send_good(i):
+        return client.predict("deq-tiny", png(good_images[i]), "image/png")
+
+    def send_bad(case):
+        (model_name, body, ctype), options, _ = case
+        return client.predict(model_name, body, ctype, **options)
+
+    with ThreadPoolExecutor(8) as pool:
+        good_futures = [pool.submit(send_good, i) for i in good_idx]
+        bad_futures = [pool.submit(send_bad, case) for case in bad]
+        json_futures = [pool.submit(client.predict_json, "deq-tiny", body) for body, _ in json_bad]
+        # straight to the plain lane, past the client's routing
+        headers = {"X-Defense": "on"}
+        lane = pool.submit(client.request, "/predictions/deq-tiny", png(good_images[0]), "image/png", headers)
+        goods = [f.result() for f in good_futures]
+        bads = [f.result() for f in bad_futures] + [f.result() for f in json_futures] + [lane.result()]
+    reasons = [case[2] for case in bad] + [reason for _, reason in json_bad] + ["wrong_lane"]
+    for (status, answer), reason in zip(bads, reasons):
+        assert 400 <= status < 500 and answer.get("reason") == reason, (reason, status, answer)
+        assert answer["error"]  # a message that names the problem
+    assert [s for s, _ in goods] == [200] * len(goods)
+    assert [a["index"] for _, a in goods] == expected.tolist()
+    families = scrape(server)
+    assert sample_value(families, "robustdeq_rejected_requests_total", ModelName="deq-tiny", Reason="wrong_lane") >= 1
+
+
+def test_every_declared_metric_is_exported(server, client, reference, cifar_test):
+    model, gate = reference
+    idx = torch.randperm(len(cifar_test), generator=torch.Generator().manual_seed(2))[:300]
+    with torch.no_grad():
+        entropy = model.trajectory(cifar_test.images[idx].float() / 255).entropy(gate["state"])
+    high, low = idx[int(entropy.argmax())], idx[int(entropy.argmin())]
+    assert float(entropy.max()) > gate["threshold"] > float(entropy.min())
+    assert client.predict("deq-tiny", png(cifar_test.images[high]), "image/png", defense="gated")[1]["defense"]["ran"]
+    assert not client.predict("deq-tiny", png(cifar_test.images[low]), "image/png", defense="gated")[1]["defense"][
+        "ran"
+    ]
+    assert client.predict("deq-tiny", b"junk", "image/png")[0] == 400
+    families = scrape(server)
+    for metric in METRICS:
+        fam = family(families, metric.name)
+        assert fam is not None, f"{metric.name} is not on the metrics port"
+        assert fam.type == ("unknown" if metric.kind == "gauge" else metric.kind) or fam.type == metric.kind
+        assert all(set(metric.dimensions) <= set(s.labels) for s in fam.samples), metric.name
+    assert sample_value(families, "robustdeq_high_entropy_inputs_total", ModelName="deq-tiny-defended") >= 1
+    assert sample_value(families, "robustdeq_gated_through_requests_total", ModelName="deq-tiny-defended") >= 1
+    assert family(families, "ts_inference_requests_total") is not None
+
+
+def test_tokens_guard_the_apis_and_registration_is_off(server, client):
+    keys = read_keys(Path(server.run_dir))
+    for url, token in (
+        (server.management_url + "/models", None),
+        (server.management_url + "/models", "wrong"),
+        (server.management_url + "/models", keys["inference"]),
+        (server.inference_url + "/ping", None),
+    ):
+        status, body = http_get(url, token)
+        assert 400 <= status < 500 and b"Token Authorization failed" in body, (url, status, body)
+    status, _ = http_get(server.management_url + "/models", keys["management"])
+    assert status == 200
+    status, answer = Client(server.inference_url, None).predict("deq-tiny", b"x", "image/png")
+    assert 400 <= status < 500
+    import urllib.request
+
+    req = urllib.request.Request(
+        server.management_url + "/models?url=https://example.com/evil.mar",
+        method="POST",
+        headers={"Authorization": f"Bearer {keys['management']}"},
+    )
+    try:
+        urllib.request.urlopen(req, timeout=10)
+        raise AssertionError("model registration over the API must be off")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 405
+
+
+def test_the_robustness_card_is_served(server, client):
+    keys = read_keys(Path(server.run_dir))
+    status, body = http_get(server.management_url + "/models/deq-tiny-defended?customized=true", keys["management"])
+    assert status == 200
+    custom = json.loads(body)[0]["customizedMetadata"]
+    custom = json.loads(custom) if isinstance(custom, str) else custom
+    assert custom["robustness_card"]["schema"] == "robustdeq.robustness_card/1"
+    names = {s["name"] for s in custom["robustness_card"]["settings"]}
+    assert {"none", "defense-T2-R10", "gated-T2-R10"} <= names
+    status, described = client.describe("deq-tiny")  # with the inference token only
+    assert status == 200 and described["limits"]["lane"] == "plain" and described["gate"]["state"] == 5
+    status, answer = client.predict("deq-tiny", (PROJECT_ROOT / "serving/examples/ship.png").read_bytes(), defense="on")
+    assert status == 200 and answer["robustness"]["name"] == "defense-T2-R10"
+    assert answer["robustness"]["cost_vs_plain"] > 1
+
+
+def test_python_client_cli(server):
+    env_run = ["--run-dir", server.run_dir]
+    proc = robustdeq_cli("predict", "serving/examples/ship.png", "serving/examples/cat.png", "--model", "deq-tiny",
+                         "--defense", "on", "--R", "3", *env_run)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("defense on (T_f=2, R=3)") == 2
+    proc = robustdeq_cli("predict", "serving/examples/ship.png", "--R", "99", "--defense", "on", "--json", *env_run)
+    assert proc.returncode == 1 and json.loads(proc.stdout)["reason"] == "option_out_of_bounds"
+
+
+def test_a_killed_worker_is_restarted(server, client, cifar_test):
+    keys = read_keys(Path(server.run_dir))
+
+    def worker_pid():
+        status, body = http_get(server.management_url + "/models/deq-tiny", keys["management"])
+        workers = json.loads(body)[0]["workers"] if status == 200 else []
+        ready = [w for w in workers if w["status"] == "READY"]
+        return ready[0]["pid"] if ready else None
+
+    old = worker_pid()
+    assert old
+    os.kill(old, signal.SIGKILL)
+    deadline = time.monotonic() + 180
+    new = None
+    while time.monotonic() < deadline:
+        new = worker_pid()
+        if new and new != old:
+            break
+        time.sleep(0.5)
+    assert new and new != old, "TorchServe did not restart the worker"
+    image = png(cifar_test.images[0])
+    for _ in range(3):
+        status, answer = client.predict("deq-tiny", image, "image/png")
+        assert status == 200, answer
