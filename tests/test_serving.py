@@ -27,7 +27,7 @@ from robustdeq.defense import entropy_reduction
 from robustdeq.serving import archive as archive_mod
 from robustdeq.serving.engine import InferenceEngine
 from robustdeq.serving.inputs import decode_request
-from robustdeq.serving.metrics import METRICS, observations, render_metrics_yaml
+from robustdeq.serving.metrics import METRICS, entropy_band, observations, render_metrics_yaml
 from robustdeq.serving.options import HARD_MAX_R, Limits, RequestError, parse_options
 from robustdeq.serving.server import Ports, render_config
 
@@ -251,6 +251,9 @@ def test_observations_cover_the_modes(engine, test_batch):
     assert names.count("robustdeq_defended_requests_total") == sum(a["defense"]["ran"] for a in answers)
     gated_through = 0 if answers[2]["defense"]["ran"] else 1
     assert names.count("robustdeq_gated_through_requests_total") == gated_through
+    bands = [dims[2] for name, _, dims in obs if name == "robustdeq_prediction_entropy_band_total"]
+    assert bands == [entropy_band(a["entropy"]) for a in answers]
+    assert (entropy_band(0.0), entropy_band(1.8), entropy_band(2.3)) == ("0.00-0.25", "1.75-2.00", "2.25+")
 
 
 # ---- archives and config ---------------------------------------------------------------------

@@ -147,7 +147,7 @@ class InferenceEngine:
         answers = []
         for i, o in enumerate(options):
             probs = by_state[o.state]["probs"][i]
-            top_p, top_i = probs.topk(o.top_k)
+            top_p, top_i = probs.topk(min(o.top_k, probs.numel()))
             entropy = float(entropies[i, o.state - 1])
             did_run = bool(ran[i])
             defense: Dict[str, Any] = {"mode": o.defense, "ran": did_run}

@@ -15,7 +15,7 @@ from typing import Any, Dict, Iterable, List, Sequence, Tuple
 
 from .options import RequestError
 
-__all__ = ["Metric", "METRICS", "FRONTEND_METRICS", "observations", "render_metrics_yaml"]
+__all__ = ["Metric", "METRICS", "FRONTEND_METRICS", "observations", "entropy_band", "render_metrics_yaml"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,13 @@ METRICS: Tuple[Metric, ...] = (
     Metric("robustdeq_solve_seconds", "histogram", "Seconds", _MODE, "plain fixed-point solve of the request's batch"),
     Metric("robustdeq_defense_seconds", "histogram", "Seconds", _MODE, "Algorithm 1 time, for requests it ran on"),
     Metric("robustdeq_prediction_entropy", "histogram", "Nats", _MODE, "entropy at the readout state (Eq. 6)"),
+    Metric(
+        "robustdeq_prediction_entropy_band_total",
+        "counter",
+        "Count",
+        ("ModelName", "Mode", "Band"),
+        "requests per 0.25-nat entropy band (TorchServe's fixed histogram buckets are too coarse for 0..2.3)",
+    ),
     Metric(
         "robustdeq_entropy_reduction", "histogram", "Nats", _MODE, "entropy lowered by the defense at the readout state"
     ),
@@ -84,6 +91,16 @@ FRONTEND_METRICS: Tuple[Tuple[str, str, str, Tuple[str, ...]], ...] = (
 )
 
 Observation = Tuple[str, float, Tuple[str, ...]]
+BAND_WIDTH = 0.25
+BAND_COUNT = 9  # 0.00-0.25 ... 2.00-2.25, then "2.25+" (ln 10 = 2.30 is the uniform guess)
+
+
+def entropy_band(entropy: float) -> str:
+    """The label of the 0.25-nat band an entropy falls in (``"1.75-2.00"``, ..., ``"2.25+"``)."""
+    k = max(0, int(entropy / BAND_WIDTH))
+    if k >= BAND_COUNT:
+        return f"{BAND_COUNT * BAND_WIDTH:.2f}+"
+    return f"{k * BAND_WIDTH:.2f}-{(k + 1) * BAND_WIDTH:.2f}"
 
 
 def observations(
@@ -105,6 +122,7 @@ def observations(
             ("robustdeq_handler_latency_seconds", handler_seconds, dims),
             ("robustdeq_solve_seconds", a["timing_ms"]["solve"] / 1e3, dims),
             ("robustdeq_prediction_entropy", a["entropy"], dims),
+            ("robustdeq_prediction_entropy_band_total", 1.0, dims + (entropy_band(a["entropy"]),)),
             ("robustdeq_solver_residual", a["residual"], dims),
         ]
         if defense["ran"]:

@@ -195,6 +195,19 @@ def http_get(url: str, token: Optional[str] = None, timeout: float = 5.0) -> "tu
         return 0, b""
 
 
+def _ports_free(ports: Ports) -> None:
+    """Fail early, naming the port, when one of them is taken on 127.0.0.1."""
+    import socket
+
+    for name, port in asdict(ports).items():
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                flag = "--grpc-ports" if name.startswith("grpc") else f"--{name}-port"
+                raise ServerError(f"{name} port {port} on 127.0.0.1 is in use; choose another with {flag}") from None
+
+
 def _short_tmp(run_dir: Path) -> Path:
     tmp = run_dir / "tmp"
     if len(str(tmp.resolve())) > _SOCKET_PATH_LIMIT:
@@ -221,6 +234,7 @@ def start_server(
     if existing and _pid_alive(existing.pid):
         raise ServerError(f"a server from {run_dir} is already running (pid {existing.pid}); `robustdeq stop` first")
     _java_ok()
+    _ports_free(ports)
     registrations = registrations_for(models, store)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "logs").mkdir(exist_ok=True)
