@@ -21,6 +21,7 @@ import time
 from http import HTTPStatus
 
 import torch
+from ts.metrics.metric_type_enum import MetricTypes
 
 import robustdeq
 from robustdeq.checkpoint import load_checkpoint
@@ -76,7 +77,7 @@ class RobustDEQHandler:
                 value, content_type = _payload(item, context, idx)
                 x, body = decode_request(value, content_type, engine.input_shape, engine.limits.max_image_side)
                 options = parse_options(
-                    {k: v for k, v in body.items() if k not in ("image", "array")},
+                    body,
                     context.get_all_request_header(idx),
                     engine.limits,
                     engine.n_steps,
@@ -109,8 +110,6 @@ class RobustDEQHandler:
             return
         for name, value, dims in items:
             try:
-                from ts.metrics.metric_type_enum import MetricTypes
-
                 metric = metrics.get_metric(name, MetricTypes(_KIND[name]))
                 metric.add_or_update(value, list(dims))
             except Exception:  # metrics must never fail a request
@@ -134,14 +133,9 @@ def _header(context, idx, key):
 
 
 def _payload(item, context, idx):
-    """The body TorchServe received for one request and its content type."""
-    for key in ("data", "body"):
-        if key in item:
-            part = _header(context, idx, key)
-            content_type = part.get("content-type") if isinstance(part, dict) else None
-            return item[key], content_type
-    if item:
-        key = next(iter(item))
-        part = _header(context, idx, key)
-        return item[key], part.get("content-type") if isinstance(part, dict) else None
-    raise RequestError(400, "empty_body", "the request carries no body")
+    """The body TorchServe received for one request (raw body or form field) and its content type."""
+    key = next((k for k in ("data", "body") if k in item), next(iter(item), None))
+    if key is None:
+        raise RequestError(400, "empty_body", "the request carries no body")
+    part = _header(context, idx, key)
+    return item[key], part.get("content-type") if isinstance(part, dict) else None

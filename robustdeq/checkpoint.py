@@ -18,6 +18,7 @@ Resume files (``last.pt``) add a ``training_state`` entry (optimizer, position).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import zipfile
@@ -32,7 +33,15 @@ from . import __version__
 FORMAT = "robustdeq.checkpoint"
 FORMAT_VERSION = 1
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "Checkpoint", "CheckpointError", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "Checkpoint",
+    "CheckpointError",
+    "file_sha256",
+    "load_checkpoint",
+    "save_checkpoint",
+]
 
 
 class CheckpointError(ValueError):
@@ -121,6 +130,15 @@ def _preview(items, limit: int = 4) -> str:
     items = list(items)
     more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
     return ", ".join(map(str, items[:limit])) + more
+
+
+def file_sha256(path: Union[str, Path]) -> str:
+    """Hex sha256 of a file (robustness cards and archives name their checkpoint by it)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def save_checkpoint(checkpoint: Checkpoint, path: Union[str, Path]) -> Path:

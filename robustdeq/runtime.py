@@ -1,10 +1,12 @@
-"""Process-level settings for CPU inference and training."""
+"""Process-level settings for CPU inference and training, and finding console scripts."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import shutil
 import sys
+from pathlib import Path
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -33,3 +35,14 @@ def tune_cpu_allocator(threshold_bytes: int = 1 << 30) -> bool:
         return False
     _done = ok
     return ok
+
+
+def find_executable(name: str, install_hint: str) -> str:
+    """A console script of this environment (beside the interpreter), else one on PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which(name)
+    if not found:
+        raise FileNotFoundError(f"{name} is not installed ({install_hint})")
+    return found

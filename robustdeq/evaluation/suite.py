@@ -158,7 +158,7 @@ class Evaluator:
         progress: bool = True,
         restart: bool = False,
     ):
-        from ..checkpoint import load_checkpoint
+        from ..checkpoint import file_sha256, load_checkpoint
         from ..data import load_cifar10
 
         self.config = config or EvalConfig()
@@ -166,7 +166,7 @@ class Evaluator:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.checkpoint_path = str(checkpoint)
         self.ckpt = load_checkpoint(checkpoint, map_location="cpu")
-        self.checkpoint_sha256 = _file_sha(self.checkpoint_path)
+        self.checkpoint_sha256 = file_sha256(self.checkpoint_path)
         self.model = self.ckpt.build_model(self.device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -861,11 +861,3 @@ def _median_ratio(num: Sequence[float], den: Sequence[float]) -> Optional[float]
         return None
     ratios = sorted(a / b for a, b in zip(num, den) if b > 0)
     return ratios[len(ratios) // 2] if ratios else None
-
-
-def _file_sha(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -16,11 +16,9 @@ same bytes (``make archives`` rebuilds the shipped ones and a test compares them
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
-import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -30,8 +28,9 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 from .. import __version__
-from ..checkpoint import load_checkpoint
+from ..checkpoint import file_sha256, load_checkpoint
 from ..data import CLASSES, PROJECT_ROOT
+from ..runtime import find_executable
 from .options import Limits
 
 DEFAULT_HANDLER = PROJECT_ROOT / "handlers" / "robustdeq_handler.py"
@@ -53,7 +52,6 @@ __all__ = [
     "SHIPPED",
     "build_archives",
     "archive_name",
-    "sha256_file",
     "DEFENDED_SUFFIX",
 ]
 
@@ -103,15 +101,7 @@ def archive_name(name: str, lane: str) -> str:
     return name + (DEFENDED_SUFFIX if lane == "defended" else "")
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def model_config(lane: str, lane_config: LaneConfig, limits: Limits) -> Dict[str, Any]:
+def model_config(lane_config: LaneConfig, limits: Limits) -> Dict[str, Any]:
     handler = {"checkpoint": "model.pt", "card": "robustness_card.json", "labels": "index_to_name.json"}
     handler["library_version"] = __version__
     handler.update(limits.to_dict())
@@ -150,7 +140,7 @@ def build_archives(
     if card_path is not None:
         card_data = json.loads(card_path.read_text())
         expected = card_data.get("checkpoint_sha256")
-        if expected and expected != sha256_file(checkpoint):
+        if expected and expected != file_sha256(checkpoint):
             raise ValueError(f"robustness card {card_path} describes another checkpoint (sha256 {expected[:12]}...)")
     unknown = set(lanes) - set(LANES)
     if unknown:
@@ -171,13 +161,13 @@ def build_archives(
             if card_path is not None:
                 shutil.copyfile(card_path, tmp / "robustness_card.json")
                 extra.append(tmp / "robustness_card.json")
-            config = model_config(lane, lane_configs[lane], limits)
+            config = model_config(lane_configs[lane], limits)
             header = f"# RobustDEQ archive {archive_name(name, lane)}: {lane} lane of {ckpt.model_name}\n"
             (tmp / "model-config.yaml").write_text(header + yaml.safe_dump(config, sort_keys=True))
             shutil.copyfile(handler, tmp / handler.name)
             target = archive_name(name, lane)
             cmd = [
-                _archiver(),
+                find_executable("torch-model-archiver", "pip install torch-model-archiver==0.12.0"),
                 "--model-name", target,
                 "--version", __version__,
                 "--serialized-file", str(tmp / "model.pt"),
@@ -194,16 +184,6 @@ def build_archives(
             _normalise_zip(tmp / f"{target}.mar", out)
             built.append(out)
     return built
-
-
-def _archiver() -> str:
-    exe = Path(sys.executable).parent / "torch-model-archiver"
-    if exe.is_file():
-        return str(exe)
-    found = shutil.which("torch-model-archiver")
-    if not found:
-        raise FileNotFoundError("torch-model-archiver is not installed (pip install torch-model-archiver==0.12.0)")
-    return found
 
 
 def _normalise_zip(src: Path, dst: Path) -> None:

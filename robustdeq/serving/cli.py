@@ -152,7 +152,8 @@ def _serve(args: argparse.Namespace) -> int:
         f'  curl -s {info.inference_url}/predictions/{models[0]}-defended -H "Authorization: Bearer $TOKEN" '
         f'-H "Content-Type: image/png" -H "X-T-f: 2" -H "X-R: 10" --data-binary @{image}'
     )
-    print(f"  robustdeq predict {image} --defense on     # the Python client")
+    script = Path(sys.executable).parent / "robustdeq"
+    print(f"  {script if script.is_file() else 'robustdeq'} predict {image} --defense on     # the Python client")
     print("Stop it with: robustdeq stop   (or make stop)")
     if args.foreground:
         from .server import wait_until_stopped

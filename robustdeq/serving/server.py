@@ -16,7 +16,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -26,7 +25,8 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from ..data import PROJECT_ROOT
-from .archive import DEFAULT_STORE, DEFENDED_SUFFIX
+from ..runtime import find_executable
+from .archive import DEFAULT_STORE, archive_name
 
 DEFAULT_CONFIG = PROJECT_ROOT / "serving" / "config.properties"
 DEFAULT_METRICS = PROJECT_ROOT / "serving" / "metrics.yaml"
@@ -128,23 +128,13 @@ def registrations_for(models: List[str], store: Path, lanes: tuple = ("plain", "
     names = []
     for model in models:
         for lane in lanes:
-            name = model + (DEFENDED_SUFFIX if lane == "defended" else "")
+            name = archive_name(model, lane)
             if not (Path(store) / f"{name}.mar").is_file():
                 raise ServerError(
                     f"archive {name}.mar is not in {store}; build it with `robustdeq archive` or `make archives`"
                 )
             names.append(name)
     return names
-
-
-def _torchserve() -> str:
-    exe = Path(sys.executable).parent / "torchserve"
-    if exe.is_file():
-        return str(exe)
-    found = shutil.which("torchserve")
-    if not found:
-        raise ServerError("torchserve is not installed (pip install torchserve==0.12.0 pyyaml)")
-    return found
 
 
 def _java_ok() -> None:
@@ -256,8 +246,12 @@ def start_server(
         "TS_DISABLE_TOKEN_AUTHORIZATION": "false",
     }
     env.pop("TS_CONFIG_FILE", None)
+    try:
+        torchserve = find_executable("torchserve", "pip install torchserve==0.12.0 pyyaml")
+    except FileNotFoundError as exc:
+        raise ServerError(str(exc)) from None
     cmd = [
-        _torchserve(),
+        torchserve,
         "--start",
         "--foreground",
         "--ncs",
