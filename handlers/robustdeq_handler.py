@@ -46,7 +46,8 @@ class RobustDEQHandler:
         props = context.system_properties
         model_dir = props.get("model_dir")
         section = dict((context.model_yaml_config or {}).get("handler") or {})
-        files = {k: section.pop(k) for k in ("checkpoint", "card", "labels", "library_version") if k in section}
+        keys = ("checkpoint", "card", "labels", "onnx", "library_version")
+        files = {k: section.pop(k) for k in keys if k in section}
         limits = Limits.from_config(section)
         if limits.torch_threads > 0:
             torch.set_num_threads(limits.torch_threads)
@@ -56,6 +57,11 @@ class RobustDEQHandler:
         card = _read_json(model_dir, files.get("card", "robustness_card.json"))
         labels = _read_json(model_dir, files.get("labels", "index_to_name.json"))
         kwargs = {"labels": [labels[str(i)] for i in range(len(labels))]} if labels else {}
+        if files.get("onnx"):
+            from robustdeq.export import OnnxPlainSession
+
+            path = os.path.join(model_dir, files["onnx"])
+            kwargs["onnx_session"] = OnnxPlainSession(path, threads=limits.torch_threads, device=device)
         self.engine = InferenceEngine(checkpoint, card, limits, device, name=context.model_name, **kwargs)
         built_with = files.get("library_version")
         if built_with and built_with != robustdeq.__version__:

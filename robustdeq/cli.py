@@ -52,6 +52,31 @@ def _compare(args: argparse.Namespace) -> int:
     return run_compare(args)
 
 
+def _export(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from .checkpoint import load_checkpoint
+    from .data import load_cifar10
+    from .export import OnnxPlainSession, export_onnx, parity
+
+    model = load_checkpoint(args.checkpoint).build_model()
+    out = export_onnx(model, args.out, state=args.state)
+    print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KiB): fixed-iteration plain forward of {model.name}, "
+          f"N = {model.n_steps}, outputs logits (z[{model.readout_index() if args.state is None else args.state}]), "
+          "all_logits, residuals")  # fmt: skip
+    if args.parity > 0:
+        test = load_cifar10("test", source=args.data, progress=False)
+        idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[: args.parity]
+        report = parity(model, OnnxPlainSession(out), test.float_images(idx), args.state)
+        print("parity with PyTorch on CIFAR-10 test images: " + json.dumps(report))
+        if report["max_abs_logit_diff"] > args.tolerance or report["labels_agree"] != report["n"]:
+            print(f"robustdeq export: parity check failed (tolerance {args.tolerance})", file=sys.stderr)
+            return 1
+    return 0
+
+
 def _accuracy(args: argparse.Namespace) -> int:
     import json
 
@@ -159,6 +184,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the result as JSON here")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_accuracy)
+
+    p = sub.add_parser(
+        "export",
+        help="export the plain forward of a checkpoint to ONNX and check parity",
+        description="Export the fixed-iteration plain forward (injection, N solver steps, the head at every "
+        "state; outputs: logits at the early state, all_logits, residuals) to ONNX with a dynamic batch axis, then "
+        "compare ONNX Runtime with PyTorch on real CIFAR-10 test images. The defense cannot be exported (it takes "
+        "input gradients inside inference), nor can LyaDEQ (its head uses autograd).",
+    )
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--format", choices=("onnx",), default="onnx")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--state", type=int, default=None, help="readout state of 'logits' (default: the checkpoint's)")
+    p.add_argument("--parity", type=int, default=256, help="test images for the parity check (0 = skip)")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max |logit difference| allowed (default 1e-4)")
+    p.add_argument("--data", default=None, help="CIFAR-10 source (default: ../shared/data archive)")
+    p.set_defaults(func=_export)
 
     from .evaluation.cli import add_compare_parser, add_evaluate_parser
     from .training.cli import add_train_parser

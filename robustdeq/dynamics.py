@@ -72,6 +72,18 @@ class Trajectory:
         self.injections: List[Tensor] = list(injections)
         self._logits: Dict[int, Tensor] = {}
 
+    @classmethod
+    def from_readouts(cls, model: "DEQModel", all_logits: Tensor, residuals: Tensor) -> "Trajectory":
+        """A trajectory known through its readouts only: logits at z[1..N] [B, N, C] and the
+        residuals [B, N + 1], e.g. from an exported graph. Its states and injections are
+        empty [B, 0] tensors: whatever needs the states themselves (the defense, attacks)
+        must run the real dynamics."""
+        B, N = all_logits.shape[:2]
+        empty = all_logits.new_zeros(B, 0)
+        traj = cls(model, [empty] * (N + 1), residuals, [empty] * (N + 1))
+        traj._logits = {k + 1: all_logits[:, k] for k in range(N)}
+        return traj
+
     # ---- shape -------------------------------------------------------------------
     @property
     def n_steps(self) -> int:

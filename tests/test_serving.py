@@ -389,3 +389,50 @@ def test_handler_answers_a_mixed_batch_and_rejects_only_the_bad_items(handler_an
     emitted = "\n".join(r.getMessage() for r in caplog.records)
     assert "robustdeq_rejected_requests_total.Count:1.0|#ModelName:deq-tiny-defended,Reason:corrupt_image" in emitted
     assert "robustdeq_defended_requests_total.Count:1.0|#ModelName:deq-tiny-defended,Mode:on" in emitted
+
+
+# ---- the ONNX fast path of the plain lane ------------------------------------------------------
+def test_onnx_export_matches_pytorch_on_real_images(tmp_path, cifar_test):
+    from robustdeq.export import OnnxPlainSession, PlainForward, export_onnx, parity
+
+    model = load_checkpoint(SHIPPED / "model.pt").build_model()
+    session = OnnxPlainSession(export_onnx(model, tmp_path / "deq-tiny.onnx"), threads=1)
+    idx = torch.randperm(len(cifar_test), generator=torch.Generator().manual_seed(3))[:64]
+    x = cifar_test.float_images(idx)
+    for batch in (x, x[:1]):  # the batch axis is dynamic
+        report = parity(model, session, batch)
+        assert report["labels_agree"] == batch.shape[0]
+        assert report["max_abs_logit_diff"] <= 2e-4, report  # every state z[1..N]
+        with torch.no_grad():
+            ref_logits = PlainForward(model)(batch)[0]
+        assert float((session.run(batch)[0] - ref_logits).abs().max()) <= 1e-4  # the early-state readout
+    with pytest.raises(ValueError, match="autograd"):
+        export_onnx(load_checkpoint(PROJECT_ROOT / "training/shipped/lyadeq-tiny-trades/model.pt").build_model(), "x")
+
+
+def test_engine_answers_plain_batches_through_onnx(engine, test_batch, tmp_path):
+    with zipfile.ZipFile(STORE / "deq-tiny.mar") as z:
+        config = yaml.safe_load(z.read("model-config.yaml"))
+        graph = z.read(config["handler"]["onnx"])
+    from robustdeq.export import OnnxPlainSession
+
+    path = tmp_path / "deq-tiny.onnx"
+    path.write_bytes(graph)
+    fast = InferenceEngine(
+        load_checkpoint(SHIPPED / "model.pt"),
+        engine.card,
+        engine.limits,
+        onnx_session=OnnxPlainSession(path, threads=1),
+    )
+    x = test_batch[0][:8]
+    plain = [options(body={"defense": "off"})] * 8
+    slow_answers, _ = engine.predict(x, plain)
+    fast_answers, timing = fast.predict(x, plain)
+    assert timing.backend == "onnxruntime" and slow_answers[0]["timing_ms"]["backend"] == "torch"
+    for s, f in zip(slow_answers, fast_answers):
+        assert s["index"] == f["index"] and s["high_entropy"] == f["high_entropy"]
+        assert f["entropy"] == pytest.approx(s["entropy"], abs=1e-4)
+        assert f["entropy_trajectory"] == pytest.approx(s["entropy_trajectory"], abs=1e-3)
+    mixed = plain[:7] + [options(body={"defense": "on", "R": 2})]
+    answers, timing = fast.predict(x, mixed)  # a batch with the defense runs the real dynamics
+    assert timing.backend == "torch" and answers[7]["defense"]["ran"]

@@ -130,6 +130,7 @@ def test_accuracy_over_http_matches_the_library(server, client, reference, cifar
     assert int((served == local).sum()) >= 99
     assert max(a["timing_ms"]["batch_size"] for _, a in results) > 1, "concurrent requests were never batched"
     assert all(a["state"] == 5 and a["defense"] == {"mode": "off", "ran": False} for _, a in results)
+    assert {a["timing_ms"]["backend"] for _, a in results} == {"onnxruntime"}  # the plain lane's fast path
 
 
 def test_per_request_T_f_and_R_change_the_work(server, client, cifar_test):

@@ -30,6 +30,7 @@ import yaml
 from .. import __version__
 from ..checkpoint import file_sha256, load_checkpoint
 from ..data import CLASSES, PROJECT_ROOT
+from ..export import export_onnx
 from ..runtime import find_executable
 from .options import Limits
 
@@ -126,14 +127,18 @@ def build_archives(
     handler: Path = DEFAULT_HANDLER,
     lane_configs: Optional[Dict[str, LaneConfig]] = None,
     defaults: Optional[Dict[str, Any]] = None,
+    onnx: bool = True,
 ) -> List[Path]:
     """Build one deterministic .mar per lane into ``out_dir``; returns their paths.
 
     ``defaults`` overrides handler defaults/bounds (``T_f``, ``R``, ``max_R``, ...) for both lanes.
+    With ``onnx`` the plain lane also carries ``model.onnx`` (``robustdeq.export``) and answers
+    through ONNX Runtime, when the model can be exported (not LyaDEQ).
     """
     checkpoint, handler, out_dir = Path(checkpoint), Path(handler), Path(out_dir)
     ckpt = load_checkpoint(checkpoint)  # refuses unsafe or corrupt files before anything is built
-    ckpt.build_model()
+    model = ckpt.build_model()
+    exportable = onnx and not model.name.startswith("lyadeq")
     if not handler.is_file():
         raise FileNotFoundError(f"handler {handler} does not exist")
     card_path = _find_card(checkpoint, card)
@@ -162,6 +167,10 @@ def build_archives(
                 shutil.copyfile(card_path, tmp / "robustness_card.json")
                 extra.append(tmp / "robustness_card.json")
             config = model_config(lane_configs[lane], limits)
+            if lane == "plain" and exportable:
+                export_onnx(model, tmp / "model.onnx")
+                extra.append(tmp / "model.onnx")
+                config["handler"]["onnx"] = "model.onnx"
             header = f"# RobustDEQ archive {archive_name(name, lane)}: {lane} lane of {ckpt.model_name}\n"
             (tmp / "model-config.yaml").write_text(header + yaml.safe_dump(config, sort_keys=True))
             shutil.copyfile(handler, tmp / handler.name)

@@ -54,6 +54,7 @@ class BatchTiming:
     solve: float
     defense: float
     batch_size: int
+    backend: str = "torch"  # what ran the plain solve: "torch" or "onnxruntime"
 
 
 class InferenceEngine:
@@ -67,6 +68,7 @@ class InferenceEngine:
         device: str = "cpu",
         name: Optional[str] = None,
         labels: Sequence[str] = CLASSES,
+        onnx_session=None,
     ):
         self.device = torch.device(device)
         self.model = checkpoint.build_model(self.device)
@@ -78,6 +80,8 @@ class InferenceEngine:
         self.default_state = self.model.readout_index()
         self.gate = gate_from_card(card)
         self.input_shape = tuple(self.model.input_shape)
+        # plain batches through ONNX Runtime (robustdeq.export) when the archive ships a graph
+        self.onnx = onnx_session
         if len(self.labels) != self.model.num_classes:
             raise ValueError(f"{len(self.labels)} label names for a model with {self.model.num_classes} classes")
 
@@ -101,12 +105,14 @@ class InferenceEngine:
             self.check(opt)
         B, dev = x.shape[0], self.device
         x = x.to(dev, non_blocking=True)
+        thresholds = [self._threshold(o) for o in options]
+        defended = any(t < math.inf for t in thresholds)
+        backend = "onnxruntime" if self.onnx is not None and not defended else "torch"
         t0 = self._clock()
         with torch.no_grad():
-            plain = run_dynamics(self.model, x)
+            plain = self.onnx.trajectory(self.model, x) if backend == "onnxruntime" else run_dynamics(self.model, x)
         t1 = self._clock()
-        threshold = torch.tensor([self._threshold(o) for o in options], dtype=x.dtype, device=dev)
-        defended = bool((threshold < math.inf).any())
+        threshold = torch.tensor(thresholds, dtype=x.dtype, device=dev)
         if defended:
             result = gated_entropy_reduction(
                 self.model,
@@ -123,7 +129,7 @@ class InferenceEngine:
         else:
             traj, ran, perturbation = plain, torch.zeros(B, dtype=torch.bool, device=dev), x.new_zeros(B)
         t2 = self._clock()
-        timing = BatchTiming(solve=t1 - t0, defense=t2 - t1 if defended else 0.0, batch_size=B)
+        timing = BatchTiming(solve=t1 - t0, defense=t2 - t1 if defended else 0.0, batch_size=B, backend=backend)
         with torch.no_grad():
             answers = self._answers(options, plain, traj, ran, perturbation, timing)
         return answers, timing
@@ -184,6 +190,7 @@ class InferenceEngine:
                         "solve": timing.solve * 1e3,
                         "defense": timing.defense * 1e3 if did_run else 0.0,
                         "batch_size": timing.batch_size,
+                        "backend": timing.backend,
                     },
                     "robustness": self.card_entry(o),
                 }
@@ -221,6 +228,7 @@ class InferenceEngine:
             "input_shape": list(self.input_shape),
             "labels": self.labels,
             "device": str(self.device),
+            "plain_backend": "onnxruntime" if self.onnx is not None else "torch",
             "limits": self.limits.to_dict(),
             "gate": self.gate,
             "robustness_card": self.card,
