@@ -113,7 +113,10 @@ def summarise(path: str, status: int, answer: Dict[str, Any]) -> str:
         else:
             lines.append(f"  defense {d['mode']}: not triggered (entropy under the gate threshold)")
     t = answer["timing_ms"]
-    lines.append(f"  time: solve {t['solve']:.1f} ms, defense {t['defense']:.1f} ms (batch of {t['batch_size']})")
+    lines.append(
+        f"  time: solve {t['solve']:.1f} ms ({t.get('backend', 'torch')}), defense {t['defense']:.1f} ms "
+        f"(batch of {t['batch_size']})"
+    )
     card = answer.get("robustness")
     if card:
         robust = card["robust"]["acc"] * 100 if card.get("robust") else float("nan")
