@@ -99,16 +99,33 @@ class RobustDEQHandler:
                 responses[idx] = err.to_dict()
                 context.set_response_status(err.status, HTTPStatus(err.status).phrase, idx)
         answers = []
-        if accepted:
-            idxs, xs, opts = zip(*accepted)
-            answers, _ = engine.predict(torch.stack(xs), list(opts))
-            for idx, answer in zip(idxs, answers):
+        for idx, answer in self._answer(accepted) if accepted else []:
+            if isinstance(answer, RequestError):
+                rejected.append(answer)
+                responses[idx] = answer.to_dict()
+                context.set_response_status(answer.status, HTTPStatus(answer.status).phrase, idx)
+            else:
+                answers.append(answer)
                 responses[idx] = answer
         elapsed = time.perf_counter() - start
         for idx in range(len(data)):
             context.set_response_content_type(idx, "application/json")
         self._emit(observations(engine.name, answers, rejected, elapsed, len(data)))
         return [json.dumps(r) for r in responses]
+
+    def _answer(self, accepted):
+        """[(index, answer or RequestError)] for validated requests. A batch the model fails on
+        is retried request by request, so one request that breaks it cannot fail the others."""
+        idxs, xs, opts = zip(*accepted)
+        try:
+            answers, _ = self.engine.predict(torch.stack(xs), list(opts))
+            return list(zip(idxs, answers))
+        except Exception:
+            if len(accepted) > 1:
+                logger.warning("a batch of %d failed; answering its requests one by one", len(accepted))
+                return [pair for item in accepted for pair in self._answer([item])]
+            logger.exception("request %d failed in the model", idxs[0])
+            return [(idxs[0], RequestError(500, "internal_error", "the model failed on this request (see model log)"))]
 
     def _emit(self, items):
         metrics = getattr(self.context, "metrics", None)

@@ -51,10 +51,10 @@ class PlainForward(nn.Module):
 
 def export_onnx(model: nn.Module, path: Union[str, Path], state: Optional[int] = None, opset: int = OPSET) -> Path:
     """Write the plain forward of ``model`` to ``path`` (dynamic batch axis)."""
-    if getattr(model, "name", "").startswith("lyadeq"):
+    if model.onnx_export_blocker:
         raise ValueError(
-            f"{model.name}: LyaDEQ's head computes grad V with autograd, which ONNX cannot express; "
-            "export supports DEQs whose head is a plain forward (deq-tiny, mdeq-small, mdeq-large)"
+            f"{model.name} cannot be exported to ONNX: {model.onnx_export_blocker}; export supports DEQs whose "
+            "head is a plain forward (deq-tiny, mdeq-small, mdeq-large)"
         )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

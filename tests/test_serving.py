@@ -436,3 +436,21 @@ def test_engine_answers_plain_batches_through_onnx(engine, test_batch, tmp_path)
     mixed = plain[:7] + [options(body={"defense": "on", "R": 2})]
     answers, timing = fast.predict(x, mixed)  # a batch with the defense runs the real dynamics
     assert timing.backend == "torch" and answers[7]["defense"]["ran"]
+
+
+def test_a_request_that_breaks_the_model_fails_alone(handler_and_context, cifar_test, monkeypatch):
+    handler, context = handler_and_context
+    real_predict = handler.engine.predict
+
+    def predict_failing_on_black(x, opts):  # fault injection: an all-black image "crashes" the model
+        if bool((x.flatten(1).amax(1) == 0).any()):
+            raise RuntimeError("injected failure")
+        return real_predict(x, opts)
+
+    monkeypatch.setattr(handler.engine, "predict", predict_failing_on_black)
+    good = png_bytes(cifar_test.images[3531].permute(1, 2, 0).numpy())
+    black = png_bytes(np.zeros((32, 32, 3), dtype=np.uint8))
+    batch = [_request(r, body, "image/png") for r, body in (("a", good), ("b", black), ("c", good))]
+    results = _run_batch(handler, context, batch)
+    assert [s for s, _ in results] == [200, 500, 200]
+    assert results[1][1]["reason"] == "internal_error" and results[0][1]["label"] == results[2][1]["label"]

@@ -26,6 +26,8 @@ class DEQModel(nn.Module):
 
     #: registry name, set by the registry
     name: str = "deq"
+    #: why the plain forward cannot be exported to ONNX (None: it can; see robustdeq.export)
+    onnx_export_blocker: Optional[str] = None
     num_classes: int = 10
     input_shape = (3, 32, 32)
 

@@ -126,6 +126,8 @@ class TinyFeatures(nn.Module):
 
 
 class LyaDEQ(DEQModel):
+    onnx_export_blocker = "its head computes grad V with autograd, which ONNX cannot express"
+
     def __init__(
         self,
         backbone: str = "tiny",

@@ -138,7 +138,7 @@ def build_archives(
     checkpoint, handler, out_dir = Path(checkpoint), Path(handler), Path(out_dir)
     ckpt = load_checkpoint(checkpoint)  # refuses unsafe or corrupt files before anything is built
     model = ckpt.build_model()
-    exportable = onnx and not model.name.startswith("lyadeq")
+    exportable = onnx and not model.onnx_export_blocker
     if not handler.is_file():
         raise FileNotFoundError(f"handler {handler} does not exist")
     card_path = _find_card(checkpoint, card)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .archive import DEFAULT_HANDLER, DEFAULT_STORE, LANE_DEFAULTS, LANES
+from .options import DEFENSE_MODES
 from .server import DEFAULT_MODELS, DEFAULT_RUN_DIR, Ports
 
 
@@ -86,7 +87,7 @@ def add_serving_parsers(sub) -> None:
     )
     p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...; any size)")
     p.add_argument("--model", default=DEFAULT_MODELS[0], help="model name (default: %(default)s)")
-    p.add_argument("--defense", choices=("off", "on", "gated"), default="off")
+    p.add_argument("--defense", choices=DEFENSE_MODES, default="off")
     p.add_argument("--T_f", type=int, default=None)
     p.add_argument("--R", type=int, default=None)
     p.add_argument("--beta", default=None, help="e.g. 2/255")

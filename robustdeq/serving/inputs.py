@@ -114,18 +114,11 @@ def decode_request(
         if isinstance(value, (bytes, bytearray)):
             raise RequestError(400, "bad_json", "the body is not valid JSON")
         raise RequestError(400, "bad_json", "a JSON body must be an object with 'image' or 'array'")
-    if isinstance(value, str) or content_type.startswith(("text/", "multipart/", "application/x-www-form")):
+    if isinstance(value, str) or (content_type and not content_type.startswith(IMAGE_CONTENT_TYPES)):
         raise RequestError(
             415,
             "unsupported_content_type",
             f"content type {content_type or 'text'!r} is not accepted; send image bytes (image/png, image/jpeg, "
-            "application/octet-stream) or application/json",
-        )
-    if content_type and not content_type.startswith(IMAGE_CONTENT_TYPES):
-        raise RequestError(
-            415,
-            "unsupported_content_type",
-            f"content type {content_type!r} is not accepted; send image bytes (image/png, image/jpeg, "
             "application/octet-stream) or application/json",
         )
     if value is None:

@@ -66,7 +66,7 @@ METRICS: Tuple[Metric, ...] = (
         "counter",
         "Count",
         ("ModelName", "Reason", "Status"),
-        "requests answered with a 4xx, by reason",
+        "requests answered with an error, by reason (4xx: the request; 500 internal_error: the model)",
     ),
 )
 _BY_NAME = {m.name: m for m in METRICS}

@@ -49,8 +49,9 @@ __all__ = [
 
 
 class RequestError(ValueError):
-    """A problem with one request: an HTTP status, a short machine-readable reason
-    (the label of the rejection metric) and a message that names the problem."""
+    """A problem with one request: an HTTP status (4xx for the client's mistakes, 500 when
+    the model failed on it), a short machine-readable reason (the label of the rejection
+    metric) and a message that names the problem."""
 
     def __init__(self, status: int, reason: str, message: str):
         super().__init__(message)
@@ -180,15 +181,8 @@ def parse_options(
     if unknown:
         raise RequestError(400, "unknown_option", f"unknown option(s) {unknown}; known options: {list(OPTION_NAMES)}")
     raw = {**header_options(headers), **{k: v for k, v in body.items() if k in OPTION_NAMES}}
-    opts = dict(
-        state=default_state,
-        defense=limits.default_defense,
-        T_f=limits.T_f,
-        R=limits.R,
-        beta=limits.beta,
-        eps=limits.eps,
-        top_k=limits.top_k,
-    )
+    opts = {"state": default_state, "defense": limits.default_defense}
+    opts.update({name: getattr(limits, name) for name in ("T_f", "R", "beta", "eps", "top_k")})
     if "defense" in raw:
         mode = raw["defense"]
         mode = {True: "on", False: "off"}.get(mode, mode) if isinstance(mode, bool) else mode
