@@ -52,7 +52,9 @@ def decode_image(data: bytes, shape: Tuple[int, int, int], max_side: int = 4096)
                 array = np.asarray(img, dtype=np.uint8)
     except RequestError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as exc:
+    except UnidentifiedImageError:
+        raise RequestError(400, "corrupt_image", "could not decode the image: not a recognised image format") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as exc:
         raise RequestError(400, "corrupt_image", f"could not decode the image: {exc}") from None
     if array.ndim == 2:
         array = array[:, :, None]
