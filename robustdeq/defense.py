@@ -21,6 +21,7 @@ from torch import Tensor
 
 from . import solvers as _solvers
 from .dynamics import DEFAULT_READOUT, CellMap, Trajectory, prediction_entropy, run_dynamics
+from .stages import stage
 
 if TYPE_CHECKING:  # pragma: no cover
     from .models.base import DEQModel
@@ -166,32 +167,37 @@ def entropy_reduction(
         plain = run_dynamics(model, x, n_steps=n_steps) if with_plain else None
         x_orig = x.detach()
         x_cur = x_orig
-        u = model.inject(x_cur)
+        with stage("stem"):
+            u = model.inject(x_cur)
         f = CellMap(model, u)
-        z0 = model.initial_state(u)
-        state = solver.init(z0, f(z0))
+        with stage("solve"):
+            z0 = model.initial_state(u)
+            state = solver.init(z0, f(z0))
         states, residuals, injections = [state.z], [state.residual], [u]
         interventions: Optional[List[Tuple[Tensor, Tensor, Tensor]]] = [] if record else None
         for t in range(n_steps):
-            z_next = solver.propose(state)
-            fz_next = f(z_next)
+            with stage("solve"):
+                z_next = solver.propose(state)
+                fz_next = f(z_next)
             intervene = ((t + 1) % T_f == 0) & (R > 0)
             if bool(intervene.any()):
-                idx = intervene.nonzero().squeeze(1)
-                if interventions is not None:
-                    interventions.append((idx, z_next[idx], x_cur[idx]))
-                x_sub = entropy_descent(model, z_next[idx], x_cur[idx], x_orig[idx], R[idx], beta[idx], eps[idx])
-                x_cur = x_cur.index_copy(0, idx, x_sub)
-                u = u.index_copy(0, idx, model.inject(x_sub))
-                f.u = u
-                # redo step t for these samples with the new input (Algorithm 1, line 13)
-                sub = state.select(idx)
-                sub = sub.with_fz(f(sub.z, idx))
-                z_sub = solver.propose(sub)
-                state = state.with_fz(state.fz.index_copy(0, idx, sub.fz))
-                z_next = z_next.index_copy(0, idx, z_sub)
-                fz_next = fz_next.index_copy(0, idx, f(z_sub, idx))
-            state = solver.commit(state, z_next, fz_next)
+                with stage("defense"):
+                    idx = intervene.nonzero().squeeze(1)
+                    if interventions is not None:
+                        interventions.append((idx, z_next[idx], x_cur[idx]))
+                    x_sub = entropy_descent(model, z_next[idx], x_cur[idx], x_orig[idx], R[idx], beta[idx], eps[idx])
+                    x_cur = x_cur.index_copy(0, idx, x_sub)
+                    u = u.index_copy(0, idx, model.inject(x_sub))
+                    f.u = u
+                    # redo step t for these samples with the new input (Algorithm 1, line 13)
+                    sub = state.select(idx)
+                    sub = sub.with_fz(f(sub.z, idx))
+                    z_sub = solver.propose(sub)
+                    state = state.with_fz(state.fz.index_copy(0, idx, sub.fz))
+                    z_next = z_next.index_copy(0, idx, z_sub)
+                    fz_next = fz_next.index_copy(0, idx, f(z_sub, idx))
+            with stage("solve"):
+                state = solver.commit(state, z_next, fz_next)
             states.append(state.z)
             residuals.append(state.residual)
             injections.append(u)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import solvers as _solvers
+from .stages import stage
 
 if TYPE_CHECKING:  # pragma: no cover
     from .models.base import DEQModel
@@ -108,7 +109,8 @@ class Trajectory:
     def logits(self, k: int = DEFAULT_READOUT) -> Tensor:
         k = self.index(k)
         if k not in self._logits:
-            self._logits[k] = self.model.head(self.states[k], self.injections[k])
+            with stage("head"):
+                self._logits[k] = self.model.head(self.states[k], self.injections[k])
         return self._logits[k]
 
     def probabilities(self, k: int = DEFAULT_READOUT) -> Tensor:
@@ -172,8 +174,10 @@ def run_dynamics(
     n_steps = model.n_steps if n_steps is None else int(n_steps)
     if n_steps < 1:
         raise ValueError(f"n_steps must be >= 1, got {n_steps}")
-    u = model.inject(x)
-    result = _solvers.solve(CellMap(model, u), model.initial_state(u), solver, n_steps, tol)
+    with stage("stem"):
+        u = model.inject(x)
+    with stage("solve"):
+        result = _solvers.solve(CellMap(model, u), model.initial_state(u), solver, n_steps, tol)
     return Trajectory(model, result.states, result.residuals, [u] * len(result.states))
 
 

@@ -42,6 +42,8 @@ class PlainForward(nn.Module):
         self.state = model.readout_index() if state is None else state % (model.n_steps + 1)
         if self.state == 0:
             raise ValueError("state 0 is z[0] = 0, which carries no prediction")
+        # the wrapper too: the exporter restores the wrapper's mode afterwards, recursively
+        self.eval()
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         traj = self.model.trajectory(x)
