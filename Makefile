@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup serve stop archives demo test lint format bench train-shipped evaluate-shipped clean help
+.PHONY: setup serve stop archives demo test lint format bench loadtest loadtest-batching train-shipped evaluate-shipped clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -40,8 +40,14 @@ format: setup  ## auto-format with ruff
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench: setup  ## the speed table of the README (deq-tiny, batch 64, T_f x R grid, training step)
-	$(VENV)/bin/robustdeq bench --train --repeats 5 --out runs/bench/deq-tiny.json
+bench: setup  ## in-process speed benchmark (shipped deq-tiny: plain, ONNX, T_f x R grid, stages, gate, trials, training step)
+	$(VENV)/bin/robustdeq bench --trials --train --repeats 5 --out runs/bench/deq-tiny.json
+
+loadtest: setup  ## Locust against its own server: saturation, defended, isolation, 5-min soak (~12 min)
+	$(VENV)/bin/robustdeq loadtest --scenario full --out runs/loadtest/deq-tiny
+
+loadtest-batching: setup  ## saturation per plain-lane batching configuration (~8 min)
+	$(VENV)/bin/robustdeq loadtest --scenario batching --users 8 32 64 --stage-seconds 15 --out runs/loadtest/batching
 
 train-shipped: setup  ## train (or resume) the four shipped checkpoints into training/shipped/ (hours on 2 cores)
 	bash training/train_shipped.sh

@@ -16,18 +16,15 @@ The model work (solve, early-state readout, Algorithm 1 of paper 1) is
 
 import json
 import logging
-import os
 import time
 from http import HTTPStatus
 
 import torch
 from ts.metrics.metric_type_enum import MetricTypes
 
-import robustdeq
-from robustdeq.checkpoint import load_checkpoint
 from robustdeq.serving.inputs import decode_request
 from robustdeq.serving.metrics import METRICS, observations
-from robustdeq.serving.options import Limits, RequestError, parse_options
+from robustdeq.serving.options import RequestError, parse_options
 
 logger = logging.getLogger(__name__)
 _KIND = {m.name: m.kind for m in METRICS}
@@ -44,31 +41,13 @@ class RobustDEQHandler:
         from robustdeq.serving.engine import InferenceEngine
 
         props = context.system_properties
-        model_dir = props.get("model_dir")
-        section = dict((context.model_yaml_config or {}).get("handler") or {})
-        keys = ("checkpoint", "card", "labels", "onnx", "library_version")
-        files = {k: section.pop(k) for k in keys if k in section}
-        limits = Limits.from_config(section)
-        if limits.torch_threads > 0:
-            torch.set_num_threads(limits.torch_threads)
         gpu_id = props.get("gpu_id")
         device = f"cuda:{gpu_id}" if torch.cuda.is_available() and gpu_id is not None else "cpu"
-        checkpoint = load_checkpoint(os.path.join(model_dir, files.get("checkpoint", "model.pt")))
-        card = _read_json(model_dir, files.get("card", "robustness_card.json"))
-        labels = _read_json(model_dir, files.get("labels", "index_to_name.json"))
-        kwargs = {"labels": [labels[str(i)] for i in range(len(labels))]} if labels else {}
-        if files.get("onnx"):
-            from robustdeq.export import OnnxPlainSession
-
-            path = os.path.join(model_dir, files["onnx"])
-            kwargs["onnx_session"] = OnnxPlainSession(path, threads=limits.torch_threads, device=device)
-        self.engine = InferenceEngine(checkpoint, card, limits, device, name=context.model_name, **kwargs)
-        built_with = files.get("library_version")
-        if built_with and built_with != robustdeq.__version__:
-            logger.warning("archive built with robustdeq %s, serving with %s", built_with, robustdeq.__version__)
+        section = (context.model_yaml_config or {}).get("handler") or {}
+        self.engine = InferenceEngine.from_model_dir(props.get("model_dir"), section, device, context.model_name)
         self.context = context
         self.initialized = True
-        logger.info("RobustDEQ %s on %s, lane %s", context.model_name, device, limits.lane)
+        logger.info("RobustDEQ %s on %s, lane %s", context.model_name, device, self.engine.limits.lane)
 
     def handle(self, data, context):
         self.context = context
@@ -137,14 +116,6 @@ class RobustDEQHandler:
                 metric.add_or_update(value, list(dims))
             except Exception:  # metrics must never fail a request
                 logger.exception("could not record metric %s", name)
-
-
-def _read_json(model_dir, name):
-    path = os.path.join(model_dir, name)
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
 
 
 def _header(context, idx, key):

@@ -145,27 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_demo)
 
-    p = sub.add_parser(
-        "bench",
-        help="speed of plain inference and of the defense over T_f x R (paper 1 Table 10)",
-        description="In-process throughput of plain inference and of the entropy-reduction defense "
-        "over a T_f x R grid, with the operation-count floor of the defense.",
-    )
-    p.add_argument("--model", default="deq-tiny")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--T_f", type=int, nargs="+", default=[1, 2, 4, 8], help="T_f values (default 1 2 4 8)")
-    p.add_argument("--R", type=int, nargs="+", default=[1, 5, 10, 20], help="R values (default 1 5 10 20)")
-    p.add_argument("--repeats", type=int, default=3, help="timed repetitions per setting; the median is reported")
-    p.add_argument(
-        "--train",
-        action="store_true",
-        help="also time training steps of PGD-AT and TRADES with and without random intermediate states "
-        "(paper 1 Sec. 3.3 / Table 9) at this batch size",
-    )
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--out", default=None, help="write the results as JSON here (and a .md table beside it)")
-    p.add_argument("--data", default=None, help="CIFAR-10 source (real test images; random ones if none)")
-    p.set_defaults(func=_bench)
+    from .bench.cli import add_bench_parser
+
+    add_bench_parser(sub, _bench)
     p = sub.add_parser(
         "accuracy",
         help="clean and ready-made PGD-10 accuracy of a checkpoint (quick, non-adaptive)",
@@ -212,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .serving.cli import add_serving_parsers
 
     add_serving_parsers(sub)
+
+    from .loadtest.cli import add_loadtest_parser
+
+    add_loadtest_parser(sub)
     return parser
 
 

@@ -8,7 +8,6 @@ the YAML metrics cache) on an archive extracted from ``model_store/``.
 from __future__ import annotations
 
 import base64
-import importlib.util
 import io
 import json
 import logging
@@ -26,6 +25,7 @@ from robustdeq.data import PROJECT_ROOT
 from robustdeq.defense import entropy_reduction
 from robustdeq.serving import archive as archive_mod
 from robustdeq.serving.engine import InferenceEngine
+from robustdeq.serving.inprocess import make_request
 from robustdeq.serving.inputs import decode_request
 from robustdeq.serving.metrics import METRICS, entropy_band, observations, render_metrics_yaml
 from robustdeq.serving.options import HARD_MAX_R, Limits, RequestError, parse_options
@@ -172,7 +172,7 @@ def engine():
     return InferenceEngine(ckpt, card, Limits(lane="defended", default_defense="on"), name="deq-tiny-defended")
 
 
-def test_engine_matches_the_library_per_request(engine, test_batch):
+def test_engine_matches_the_library_permake_request(engine, test_batch):
     x = test_batch[0][:6]
     opts = [
         options(body={"defense": "off"}),
@@ -305,73 +305,30 @@ def test_rendered_config_is_hardened(tmp_path):
 
 
 # ---- the handler, driven by TorchServe's own request plumbing ----------------------------------
-def _load_handler_class():
-    path = PROJECT_ROOT / "handlers" / "robustdeq_handler.py"
-    spec = importlib.util.spec_from_file_location("robustdeq_handler", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.RobustDEQHandler
-
-
 @pytest.fixture(scope="module")
-def handler_and_context(tmp_path_factory):
+def worker(tmp_path_factory):
     pytest.importorskip("ts")
-    from ts.context import Context
-    from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+    from robustdeq.serving.inprocess import InProcessWorker
 
-    model_dir = tmp_path_factory.mktemp("deq-tiny-defended")
-    with zipfile.ZipFile(STORE / "deq-tiny-defended.mar") as z:
-        z.extractall(model_dir)
-    metrics = MetricsCacheYamlImpl(str(PROJECT_ROOT / "serving" / "metrics.yaml"))
-    metrics.initialize_cache()
-    config = yaml.safe_load((model_dir / "model-config.yaml").read_text())
-    context = Context("deq-tiny-defended", str(model_dir), {}, 4, None, "0.12.0", metrics=metrics)
-    context.model_yaml_config = config
-    handler = _load_handler_class()()
-    handler.initialize(context)
-    return handler, context
+    return InProcessWorker(STORE / "deq-tiny-defended.mar", tmp_path_factory.mktemp("deq-tiny-defended"))
 
 
-def _request(req_id, body, content_type, headers=None):
-    head = [{"name": k.encode(), "value": v.encode()} for k, v in (headers or {}).items()]
-    if content_type == "application/json" and not isinstance(body, (bytes, bytearray)):
-        value = body  # TorchServe decodes JSON bodies before the handler sees them
-    else:
-        value = body
-    return {
-        "requestId": req_id.encode(),
-        "headers": head,
-        "parameters": [{"name": "body", "contentType": content_type, "value": value}],
-    }
-
-
-def _run_batch(handler, context, batch):
-    from ts.service import Service
-
-    processors, inputs, req_ids = Service.retrieve_data_for_inference(batch)
-    context.request_processor = processors
-    context.request_ids = req_ids
-    context.metrics.request_ids = req_ids
-    out = handler.handle(inputs, context)
-    return [(context.get_response_status(i)[0], json.loads(o)) for i, o in enumerate(out)]
-
-
-def test_handler_answers_a_mixed_batch_and_rejects_only_the_bad_items(handler_and_context, cifar_test, caplog):
-    handler, context = handler_and_context
+def test_handler_answers_a_mixed_batch_and_rejects_only_the_bad_items(worker, cifar_test, caplog):
+    context = worker.context
     image = cifar_test.images[3531].permute(1, 2, 0).numpy()
     good = png_bytes(image)
     batch = [
-        _request("a", good, "image/png", {"X-R": "5"}),
-        _request("b", b"garbage", "image/png"),
-        _request("c", {"array": np.full((3, 32, 32), np.nan).tolist()}, "application/json"),
-        _request("d", good, "image/png", {"X-Defense": "off"}),
-        _request("e", {"image": base64.b64encode(good).decode(), "T_f": 1, "R": 2}, "application/json"),
-        _request("f", good, "image/png", {"X-R": "500"}),
-        _request("g", "hello", "text/plain"),
-        _request("h", {"describe": True}, "application/json"),
+        make_request("a", good, "image/png", {"X-R": "5"}),
+        make_request("b", b"garbage", "image/png"),
+        make_request("c", {"array": np.full((3, 32, 32), np.nan).tolist()}, "application/json"),
+        make_request("d", good, "image/png", {"X-Defense": "off"}),
+        make_request("e", {"image": base64.b64encode(good).decode(), "T_f": 1, "R": 2}, "application/json"),
+        make_request("f", good, "image/png", {"X-R": "500"}),
+        make_request("g", "hello", "text/plain"),
+        make_request("h", {"describe": True}, "application/json"),
     ]
     with caplog.at_level(logging.INFO):
-        results = _run_batch(handler, context, batch)
+        results = worker.handle(batch)
     statuses = [s for s, _ in results]
     assert statuses == [200, 400, 400, 200, 200, 400, 415, 200]
     assert [results[i][1]["reason"] for i in (1, 2, 5, 6)] == [
@@ -412,18 +369,10 @@ def test_onnx_export_matches_pytorch_on_real_images(tmp_path, cifar_test):
 
 def test_engine_answers_plain_batches_through_onnx(engine, test_batch, tmp_path):
     with zipfile.ZipFile(STORE / "deq-tiny.mar") as z:
-        config = yaml.safe_load(z.read("model-config.yaml"))
-        graph = z.read(config["handler"]["onnx"])
-    from robustdeq.export import OnnxPlainSession
-
-    path = tmp_path / "deq-tiny.onnx"
-    path.write_bytes(graph)
-    fast = InferenceEngine(
-        load_checkpoint(SHIPPED / "model.pt"),
-        engine.card,
-        engine.limits,
-        onnx_session=OnnxPlainSession(path, threads=1),
-    )
+        z.extractall(tmp_path)
+    config = yaml.safe_load((tmp_path / "model-config.yaml").read_text())
+    fast = InferenceEngine.from_model_dir(str(tmp_path), config["handler"], name="deq-tiny")
+    assert fast.limits.lane == "plain" and fast.card == engine.card and fast.labels == engine.labels
     x = test_batch[0][:8]
     plain = [options(body={"defense": "off"})] * 8
     slow_answers, _ = engine.predict(x, plain)
@@ -438,19 +387,18 @@ def test_engine_answers_plain_batches_through_onnx(engine, test_batch, tmp_path)
     assert timing.backend == "torch" and answers[7]["defense"]["ran"]
 
 
-def test_a_request_that_breaks_the_model_fails_alone(handler_and_context, cifar_test, monkeypatch):
-    handler, context = handler_and_context
-    real_predict = handler.engine.predict
+def test_a_request_that_breaks_the_model_fails_alone(worker, cifar_test, monkeypatch):
+    real_predict = worker.engine.predict
 
     def predict_failing_on_black(x, opts):  # fault injection: an all-black image "crashes" the model
         if bool((x.flatten(1).amax(1) == 0).any()):
             raise RuntimeError("injected failure")
         return real_predict(x, opts)
 
-    monkeypatch.setattr(handler.engine, "predict", predict_failing_on_black)
+    monkeypatch.setattr(worker.engine, "predict", predict_failing_on_black)
     good = png_bytes(cifar_test.images[3531].permute(1, 2, 0).numpy())
     black = png_bytes(np.zeros((32, 32, 3), dtype=np.uint8))
-    batch = [_request(r, body, "image/png") for r, body in (("a", good), ("b", black), ("c", good))]
-    results = _run_batch(handler, context, batch)
+    batch = [make_request(r, body, "image/png") for r, body in (("a", good), ("b", black), ("c", good))]
+    results = worker.handle(batch)
     assert [s for s, _ in results] == [200, 500, 200]
     assert results[1][1]["reason"] == "internal_error" and results[0][1]["label"] == results[2][1]["label"]

@@ -13,11 +13,11 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import astuple
 from pathlib import Path
 
 import numpy as np
@@ -31,21 +31,11 @@ from robustdeq.data import PROJECT_ROOT
 from robustdeq.serving.client import Client
 from robustdeq.serving.engine import gate_from_card
 from robustdeq.serving.metrics import METRICS
-from robustdeq.serving.server import http_get, read_keys, read_server_info
+from robustdeq.serving.server import Ports, http_get, read_keys, read_server_info
 
 SHIPPED = PROJECT_ROOT / "training" / "shipped" / "deq-tiny-trades-rs"
 
 pytestmark = pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java 17")
-
-
-def free_ports(n: int):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def robustdeq_cli(*args, timeout=300):
@@ -57,7 +47,7 @@ def robustdeq_cli(*args, timeout=300):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("serve")
-    inference, management, metrics, g1, g2 = free_ports(5)
+    inference, management, metrics, g1, g2 = astuple(Ports.free())
     proc = robustdeq_cli(
         "serve", "--run-dir", str(run_dir), "--models", "deq-tiny",
         "--inference-port", str(inference), "--management-port", str(management), "--metrics-port", str(metrics),

@@ -15,7 +15,10 @@ about the model lives here and in the library it calls:
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
@@ -23,13 +26,18 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..checkpoint import Checkpoint
+from .. import __version__
+from ..checkpoint import Checkpoint, load_checkpoint
 from ..data import CLASSES
 from ..defense import PAPER_DEFAULTS, gated_entropy_reduction
 from ..dynamics import run_dynamics
 from .options import Limits, RequestError, RequestOptions
 
-__all__ = ["InferenceEngine", "BatchTiming", "card_setting_name", "gate_from_card"]
+__all__ = ["InferenceEngine", "BatchTiming", "card_setting_name", "gate_from_card", "ARCHIVE_FILE_KEYS"]
+
+logger = logging.getLogger(__name__)
+# keys of an archive's ``handler`` section that name files, not request limits
+ARCHIVE_FILE_KEYS = ("checkpoint", "card", "labels", "onnx", "library_version")
 
 
 def card_setting_name(options: RequestOptions) -> str:
@@ -84,6 +92,40 @@ class InferenceEngine:
         self.onnx = onnx_session
         if len(self.labels) != self.model.num_classes:
             raise ValueError(f"{len(self.labels)} label names for a model with {self.model.num_classes} classes")
+
+    @classmethod
+    def from_model_dir(
+        cls, model_dir: str, handler_config: Dict[str, Any], device: str = "cpu", name: Optional[str] = None
+    ) -> "InferenceEngine":
+        """The engine of an extracted archive: its ``model-config.yaml`` ``handler`` section names
+        the files (checkpoint loaded with ``weights_only=True``, card, labels, ONNX graph) and
+        sets the limits. Sets torch's thread count to the section's ``torch_threads``."""
+        section = dict(handler_config or {})
+        files = {k: section.pop(k) for k in ARCHIVE_FILE_KEYS if k in section}
+        limits = Limits.from_config(section)
+        if limits.torch_threads > 0:
+            torch.set_num_threads(limits.torch_threads)
+
+        def read_json(key: str, default: str):
+            path = os.path.join(model_dir, files.get(key, default))
+            if not os.path.isfile(path):
+                return None
+            with open(path, encoding="utf-8") as fh:
+                return json.load(fh)
+
+        checkpoint = load_checkpoint(os.path.join(model_dir, files.get("checkpoint", "model.pt")))
+        card = read_json("card", "robustness_card.json")
+        labels = read_json("labels", "index_to_name.json")
+        kwargs: Dict[str, Any] = {"labels": [labels[str(i)] for i in range(len(labels))]} if labels else {}
+        if files.get("onnx"):
+            from ..export import OnnxPlainSession
+
+            path = os.path.join(model_dir, files["onnx"])
+            kwargs["onnx_session"] = OnnxPlainSession(path, threads=limits.torch_threads, device=device)
+        built_with = files.get("library_version")
+        if built_with and built_with != __version__:
+            logger.warning("archive built with robustdeq %s, serving with %s", built_with, __version__)
+        return cls(checkpoint, card, limits, device, name=name, **kwargs)
 
     # ---- validation that needs the model -------------------------------------------------
     def check(self, options: RequestOptions) -> None:

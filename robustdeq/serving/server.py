@@ -59,6 +59,20 @@ class Ports:
     grpc_inference: int = 7070
     grpc_management: int = 7071
 
+    @classmethod
+    def free(cls) -> "Ports":
+        """Five ports the OS reports free on 127.0.0.1 now (for test and load-test servers)."""
+        import socket
+
+        socks = [socket.socket() for _ in range(5)]
+        try:
+            for sock in socks:
+                sock.bind(("127.0.0.1", 0))
+            return cls(*(sock.getsockname()[1] for sock in socks))
+        finally:
+            for sock in socks:
+                sock.close()
+
 
 @dataclass
 class ServerInfo:
@@ -160,12 +174,21 @@ def read_server_info(run_dir: Path = DEFAULT_RUN_DIR) -> Optional[ServerInfo]:
     return ServerInfo(**json.loads(path.read_text()))
 
 
-def read_keys(run_dir: Path = DEFAULT_RUN_DIR) -> Dict[str, str]:
-    """``{"management", "inference", "api"}`` keys from TorchServe's key_file.json."""
+def read_keys(run_dir: Path = DEFAULT_RUN_DIR, wait: float = 2.0) -> Dict[str, str]:
+    """``{"management", "inference", "api"}`` keys from TorchServe's key_file.json (waiting up
+    to ``wait`` seconds while TorchServe is still writing it)."""
     path = Path(run_dir) / "key_file.json"
     if not path.is_file():
         raise ServerError(f"no key file at {path}: is the server running from {run_dir}?")
-    data = json.loads(path.read_text())
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            data = json.loads(path.read_text())
+            break
+        except ValueError:
+            if time.monotonic() > deadline:
+                raise ServerError(f"the key file {path} is not valid JSON") from None
+            time.sleep(0.1)
     return {
         "management": data["management"]["key"],
         "inference": data["inference"]["key"],

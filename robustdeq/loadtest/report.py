@@ -1,0 +1,202 @@
+"""The load test's Markdown report and its plots (latency vs. load, soak timeline, batching)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+__all__ = ["render_markdown", "write_plots"]
+
+
+def _ms(value: float) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.1f}"
+
+
+def _stats_table(rows: Sequence[Dict[str, Any]], with_stage: bool = False) -> List[str]:
+    head = "| stage | users | " if with_stage else "| "
+    lines = [
+        head + "request type | requests | failures | req/s | p50 ms | p95 ms | p99 ms | max ms |",
+        "|" + "---:|---:|" * with_stage + "---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        prefix = f"| {r['stage']} | {r['users']} | " if with_stage else "| "
+        lines.append(
+            prefix + f"{r['name']} | {r['requests']} | {r['failures']} | {r['throughput']:.1f} | "
+            f"{_ms(r['p50_ms'])} | {_ms(r['p95_ms'])} | {_ms(r['p99_ms'])} | {_ms(r['max_ms'])} |"
+        )
+    return lines
+
+
+def _footer(section: Dict[str, Any]) -> List[str]:
+    """CPU cores each party used on average during the run, and the commonest failures."""
+    lines = [""]
+    cpu = section.get("cpu_cores")
+    if cpu:
+        lines.append("- CPU cores used on average: " + ", ".join(f"{who} {cores:.2f}" for who, cores in cpu.items()))
+    reasons = section.get("failure_reasons") or {}
+    return lines + [f"- failure: {n} x {why}" for why, n in reasons.items()]
+
+
+def render_markdown(results: Dict[str, Any], plots: Sequence[Path] = ()) -> str:
+    lines = [
+        f"# Load test: {results['model']} ({results['scenario']})",
+        "",
+        f"- date {results['date']}, {results['cpus']} CPUs, shared by Locust, the TorchServe frontend and the workers",
+        f"- command: `{results['command']}`",
+        f"- payloads: {results['payloads']['images']} CIFAR-10 test images, each answer checked against the "
+        f"library's label ({results['payloads']['dropped_near_ties']} near-ties left out)",
+        "- percentiles: nearest rank over every recorded request (not Locust's rounded buckets)",
+    ]
+    verdicts = results.get("verdicts") or {}
+    if verdicts:
+        lines += ["", "## Targets", "", "| target | measured | goal | verdict |", "|---|---:|---|---|"]
+        for key, v in verdicts.items():
+            value = v["value"]
+            shown = f"{value:.2f}" if isinstance(value, float) else str(value)
+            lines.append(f"| {key} | {shown} | {v['target']} | {'PASS' if v['pass'] else 'FAIL'} |")
+    ip = results.get("in_process")
+    if ip:
+        lines += [
+            "",
+            "## In-process handler (same archive, TorchServe's request plumbing, no server)",
+            "",
+            f"{ip['samples_per_s']:.0f} samples/s at batch {ip['batch_size']} "
+            f"({ip['batch_ms']:.2f} ms per batch, median of {ip['repeats']})",
+        ]
+    sat = results.get("saturation")
+    if sat:
+        mean_batch = sat.get("mean_batch_size")
+        lines += [
+            "",
+            "## Saturation (closed-loop plain users)",
+            "",
+            f"Saturated throughput {sat['saturated_throughput']:.0f} req/s at {sat['saturated_at_users']} users; "
+            + (f"mean served batch {mean_batch:.1f}." if mean_batch else "mean batch unknown."),
+            "",
+            *_stats_table(sat["stages"], with_stage=True),
+            *_footer(sat),
+        ]
+    dfd = results.get("defended")
+    if dfd:
+        lines += ["", "## Defended traffic (closed loop)", "", *_stats_table(dfd["stages"], True), *_footer(dfd)]
+    iso = results.get("isolation")
+    if iso:
+        rows = [
+            {**iso["plain_alone"], "name": "plain, alone"},
+            {**iso["plain_with_defended"], "name": "plain, with defended"},
+            {**iso["defended"], "name": iso["defended"]["name"] + ", mixed in"},
+        ]
+        lines += [
+            "",
+            f"## Isolation (plain at {iso['plain_rate_target']:.0f} req/s = 50% of saturation; then defended "
+            f"T_f=2 R=10 offered beside it at {iso['defended_rate_target']:.0f} req/s = "
+            f"{iso['defended_fraction']:.0%} of requests)",
+            "",
+            *_stats_table(rows),
+            "",
+            f"Plain p99 changes {iso['p99_ratio']:.2f}x with the defended traffic; the defended lane answered "
+            f"{iso['defended']['throughput']:.1f} req/s ({iso['defended_share_achieved']:.1%} of all answers).",
+            *_footer(iso),
+        ]
+    s = results.get("soak")
+    if s:
+        lines += [
+            "",
+            f"## Soak ({s['seconds']:.0f} s of plain requests at {s['rate_target']:.0f} req/s = 70% of saturation)",
+            "",
+            *_stats_table([s["plain"]]),
+            *_footer(s),
+        ]
+    if results.get("smoke"):
+        lines += ["", "## Smoke", "", *_stats_table(results["smoke"]["overall"]), *_footer(results["smoke"])]
+    if results.get("batching"):
+        lines += [
+            "",
+            "## Plain-lane batching (saturation per configuration)",
+            "",
+            "| batchSize | maxBatchDelay ms | workers | in-process samples/s | server req/s | ratio | mean batch | "
+            "p50 ms | p99 ms | CPU cores: locust / frontend / workers |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for b in results["batching"]:
+            lane = b["plain_lane"]
+            mb = b["mean_batch_size"]
+            lines.append(
+                f"| {lane['batch_size']} | {lane['max_batch_delay_ms']} | {lane.get('workers', 1)} | "
+                f"{b['in_process_samples_per_s']:.0f} | "
+                f"{b['saturated_throughput']:.0f} | {b['ratio']:.2f} | {'-' if mb is None else f'{mb:.1f}'} | "
+                f"{_ms(b['p50_ms_at_saturation'])} | {_ms(b['p99_ms_at_saturation'])} | "
+                + " / ".join(f"{c:.2f}" for c in (b.get("cpu_cores") or {}).values())
+                + " |"
+            )
+    if plots:
+        lines += ["", *[f"![{p.stem}]({p.name})" for p in plots]]
+    lines += ["", f"Took {results.get('seconds', 0):.0f} s."]
+    return "\n".join(lines)
+
+
+def _lane_label(lane: Dict[str, Any]) -> str:
+    workers = lane.get("workers", 1)
+    return f"{lane['batch_size']}/{lane['max_batch_delay_ms']}ms" + (f" x{workers}" if workers > 1 else "")
+
+
+def write_plots(results: Dict[str, Any], out: Path) -> List[Path]:
+    """latency_vs_load.png (saturation ramp + soak timeline) and batching.png when measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    sat, soak = results.get("saturation"), results.get("soak")
+    if sat or soak:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        ax = axes[0]
+        if sat:
+            rows = sat["stages"]
+            x = [r["throughput"] for r in rows]
+            for key, style in (("p50_ms", "o-"), ("p95_ms", "s--"), ("p99_ms", "^-")):
+                ax.plot(x, [r[key] for r in rows], style, label=key.split("_")[0])
+            for r in rows:
+                ax.annotate(f"{r['users']}u", (r["throughput"], r["p99_ms"]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")  # fmt: skip
+            ip = results.get("in_process")
+            if ip:
+                ax.axvline(ip["samples_per_s"], color="gray", ls=":", label="in-process")
+            ax.set_yscale("log")
+            ax.legend(fontsize=8)
+        ax.set(xlabel="achieved plain throughput (req/s)", ylabel="latency (ms)", title="latency vs. load")
+        ax = axes[1]
+        if soak:
+            t = soak["timeline"]
+            ax.plot(t["t_s"], t["p99_ms"], "-", label="p99 (10 s slices)")
+            ax2 = ax.twinx()
+            ax2.plot(t["t_s"], t["requests_per_s"], color="tab:green", alpha=0.6, label="req/s")
+            ax2.set_ylabel("req/s")
+            ax.legend(loc="upper left", fontsize=8)
+        ax.set(xlabel="seconds", ylabel="p99 latency (ms)", title="soak at 70% of saturation")
+        fig.tight_layout()
+        path = out / "latency_vs_load.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    if results.get("batching"):
+        rows = results["batching"]
+        labels = [_lane_label(b["plain_lane"]) for b in rows]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.bar(labels, [b["saturated_throughput"] for b in rows], color="tab:blue", label="server req/s")
+        ax.plot(labels, [b["in_process_samples_per_s"] for b in rows], "k^--", label="in-process samples/s")
+        ax.set(xlabel="plain lane batchSize / maxBatchDelay (workers)", ylabel="throughput",
+               title="batching configuration")  # fmt: skip
+        ax2 = ax.twinx()
+        ax2.plot(labels, [b["p99_ms_at_saturation"] for b in rows], "ro-", label="p99 ms at saturation")
+        ax2.set_ylabel("p99 ms")
+        ax.legend(loc="upper left", fontsize=8)
+        ax2.legend(loc="upper right", fontsize=8)
+        fig.tight_layout()
+        path = out / "batching.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written

@@ -1,0 +1,419 @@
+"""``robustdeq loadtest``: start a server, run Locust headless, report exact figures.
+
+Scenarios (each is one Locust run against the same server, with its own CSV/HTML):
+
+* ``saturation``: closed-loop plain users 1, 2, 4, ... (no think time); the saturated
+  throughput is the best stage, compared with the in-process throughput of the same
+  handler at the plain lane's batch size (``InProcessWorker``: TorchServe's own request
+  plumbing without the frontend, the socket hop and HTTP);
+* ``defended``: closed-loop defended users over several T_f/R settings;
+* ``isolation``: plain requests paced at 50% of saturation, alone, then with defended
+  T_f=2, R=10 requests mixed in (10% of all requests) at the same plain rate;
+* ``soak``: plain requests paced at 70% of saturation for five minutes;
+* ``batching``: the saturation ramp once per plain-lane batching configuration (archives
+  rebuilt into the output folder), to choose the shipped one;
+* ``smoke``: seconds of plain and mixed traffic (the test suite runs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from ..data import PROJECT_ROOT
+from .samples import Samples
+from .traffic import DEFAULT_DEFENDED_SETTINGS, ENV, PLAIN, DefendedSetting, PayloadSet, Stage, build_payloads
+
+LOCUSTFILE = PROJECT_ROOT / "loadtest" / "locustfile.py"
+TARGETS = {"saturation_ratio": 0.8, "isolation_p99_ratio": 1.5, "soak_failures": 0}
+MIXED = DefendedSetting(2, 10)
+
+__all__ = ["run_loadtest", "run_locust", "in_process_throughput", "LoadTestRun", "SCENARIOS"]
+
+
+@dataclass
+class LoadTestRun:
+    """The server and files one load test works with."""
+
+    out: Path
+    model: str
+    url: str
+    token: str
+    payloads: Path
+    metrics_url: str = ""
+    settle: float = 3.0
+    log: Callable[[str], None] = print
+    server_pid: Optional[int] = None
+
+
+def _server_cpu_seconds(pid: Optional[int]) -> Dict[str, float]:
+    """Cumulative CPU seconds of the server's processes: the Java frontend and the Python workers."""
+    import psutil
+
+    out = {"frontend": 0.0, "workers": 0.0}
+    if pid is None:
+        return out
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return out
+    for proc in procs:
+        try:
+            times = proc.cpu_times()
+            kind = (
+                "frontend"
+                if "java" in proc.name()
+                else "workers"
+                if "model_service_worker" in " ".join(proc.cmdline())
+                else None
+            )
+        except psutil.NoSuchProcess:
+            continue
+        if kind:
+            out[kind] += times.user + times.system
+    return out
+
+
+def _children_cpu_seconds() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_locust(run: LoadTestRun, name: str, stages: Sequence[Stage], settings=DEFAULT_DEFENDED_SETTINGS) -> Samples:
+    """One headless Locust run of ``stages``; writes ``name``_stats.csv, ``name``.html and
+    ``name``.samples.csv into the output folder and returns the recorded samples."""
+    prefix = run.out / name
+    env = {
+        **os.environ,
+        ENV["payloads"]: str(run.payloads),
+        ENV["stages"]: Stage.dump(stages),
+        ENV["samples"]: f"{prefix}.samples.csv",
+        ENV["model"]: run.model,
+        ENV["token"]: run.token,
+        ENV["defended"]: ",".join(f"{s.T_f}:{s.R}" for s in settings),
+    }
+    cmd = [
+        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", run.url,
+        "--csv", str(prefix), "--html", f"{prefix}.html", "--only-summary", "--loglevel", "WARNING",
+        "--exit-code-on-error", "0", "--stop-timeout", "30",
+    ]  # fmt: skip
+    total = sum(s.duration for s in stages)
+    run.log(f"[{name}] {len(stages)} stages, {total:.0f} s: " + ", ".join(_describe(s) for s in stages))
+    server_before, locust_before, t0 = _server_cpu_seconds(run.server_pid), _children_cpu_seconds(), time.time()
+    with open(f"{prefix}.locust.log", "w") as log_file:
+        proc = subprocess.run(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, timeout=total + 180)
+    wall = time.time() - t0
+    server_after = _server_cpu_seconds(run.server_pid)
+    if proc.returncode != 0 or not Path(f"{prefix}.samples.csv").is_file():
+        tail = Path(f"{prefix}.locust.log").read_text()[-2000:]
+        raise RuntimeError(f"locust run {name!r} failed (exit {proc.returncode}):\n{tail}")
+    samples = Samples(f"{prefix}.samples.csv")
+    # CPU cores used on average over the run, per party (they share this machine's CPUs)
+    samples.cpu_cores = {
+        "locust": (_children_cpu_seconds() - locust_before) / wall,
+        **{k: (server_after[k] - server_before[k]) / wall for k in server_after},
+    }
+    return samples
+
+
+def _describe(stage: Stage) -> str:
+    rate = "closed loop" if stage.rate is None else f"{stage.rate:.0f} req/s"
+    return f"{stage.users} {stage.user} ({rate}, {stage.duration:.0f} s)"
+
+
+def in_process_throughput(archive: Path, payloads: PayloadSet, repeats: int = 30) -> Dict[str, float]:
+    """Samples/s of the archive's handler on full batches, in this process (median of ``repeats``)."""
+    from ..serving.inprocess import InProcessWorker, make_request
+
+    worker = InProcessWorker(archive)
+    b = worker.batch_size
+    batch = [make_request(str(i), payloads.pngs[i % len(payloads)], "image/png") for i in range(b)]
+    worker.handle(batch)  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        answers = worker.handle(batch)
+        times.append(time.perf_counter() - t0)
+    if any(status != 200 for status, _ in answers):
+        raise RuntimeError(f"the in-process handler refused a payload: {answers}")
+    seconds = statistics.median(times)
+    return {"batch_size": b, "batch_ms": seconds * 1e3, "samples_per_s": b / seconds, "repeats": repeats}
+
+
+def _metric_sums(run: LoadTestRun, name: str) -> Dict[str, float]:
+    """``{model: (sum, count)}`` of a histogram on the metrics port (0, 0 if absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from ..serving.server import http_get
+
+    status, body = http_get(f"{run.metrics_url}/metrics")
+    out: Dict[str, List[float]] = {}
+    if status != 200:
+        return out
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            if sample.name in (f"{name}_sum", f"{name}_count"):
+                slot = out.setdefault(sample.labels.get("ModelName", ""), [0.0, 0.0])
+                slot[0 if sample.name.endswith("_sum") else 1] += sample.value
+    return out
+
+
+def _mean_batch(before, after, model: str) -> Optional[float]:
+    b, a = before.get(model, [0.0, 0.0]), after.get(model, [0.0, 0.0])
+    count = a[1] - b[1]
+    return (a[0] - b[0]) / count if count > 0 else None
+
+
+def _stage_rows(samples: Samples, stages: Sequence[Stage], settle: float, names=None) -> List[Dict[str, Any]]:
+    rows = []
+    for index, stage in enumerate(stages):
+        if index >= len(samples.stage_starts):
+            break
+        for name in names or samples.names:
+            stats = samples.stats(name, index, settle)
+            if stats.requests:
+                rows.append({"stage": index, "users": stage.users, "user": stage.user, **stats.to_dict()})
+    return rows
+
+
+def _overall(samples: Samples) -> List[Dict[str, Any]]:
+    return [samples.stats(name).to_dict() for name in samples.names]
+
+
+# ---- scenarios --------------------------------------------------------------------------------
+def saturation(run: LoadTestRun, users: Sequence[int], seconds: float, name: str = "saturation") -> Dict[str, Any]:
+    stages = [Stage(seconds, u, "PlainUser") for u in users]
+    before = _metric_sums(run, "robustdeq_batch_size")
+    samples = run_locust(run, name, stages)
+    after = _metric_sums(run, "robustdeq_batch_size")
+    rows = _stage_rows(samples, stages, run.settle, [PLAIN])
+    best = max(rows, key=lambda r: r["throughput"])
+    return {
+        "stages": rows,
+        "overall": _overall(samples),
+        "saturated_throughput": best["throughput"],
+        "saturated_at_users": best["users"],
+        "mean_batch_size": _mean_batch(before, after, run.model),
+        "failure_reasons": samples.failure_reasons(),
+        "cpu_cores": samples.cpu_cores,
+    }
+
+
+def defended(run: LoadTestRun, users: Sequence[int], seconds: float, settings) -> Dict[str, Any]:
+    stages = [Stage(seconds, u, "DefendedUser") for u in users]
+    samples = run_locust(run, "defended", stages, settings)
+    return {
+        "stages": _stage_rows(samples, stages, run.settle),
+        "overall": _overall(samples),
+        "failure_reasons": samples.failure_reasons(),
+        "cpu_cores": samples.cpu_cores,
+    }
+
+
+def isolation(run: LoadTestRun, plain_rate: float, seconds: float, users: int = 32) -> Dict[str, Any]:
+    """Plain p99 at ``plain_rate`` alone, then with defended T_f=2, R=10 requests offered beside
+    it at 1/9 of the plain rate (10% of all requests). The two kinds are separate users, so the
+    plain load stays the same; defended users wait for their answers, so when the defended
+    lane saturates they send fewer than offered (the achieved share is reported)."""
+    fraction = 0.1
+    defended_rate = plain_rate * fraction / (1 - fraction)
+    stages = [
+        Stage(seconds, users, "PlainUser", plain_rate),
+        Stage(seconds, users, "PlainUser", plain_rate, "DefendedUser", 16, defended_rate),
+    ]
+    samples = run_locust(run, "isolation", stages, settings=[MIXED])
+    alone = samples.stats(PLAIN, 0, run.settle)
+    mixed = samples.stats(PLAIN, 1, run.settle)
+    defended_stats = samples.stats(MIXED.name, 1, run.settle)
+    ratio = mixed.p99_ms / alone.p99_ms
+    return {
+        "plain_rate_target": plain_rate,
+        "defended_rate_target": defended_rate,
+        "defended_fraction": fraction,
+        "defended_share_achieved": defended_stats.throughput / max(defended_stats.throughput + mixed.throughput, 1e-9),
+        "plain_alone": alone.to_dict(),
+        "plain_with_defended": mixed.to_dict(),
+        "defended": defended_stats.to_dict(),
+        "p99_ratio": ratio,
+        "pass": ratio <= TARGETS["isolation_p99_ratio"],
+        "failure_reasons": samples.failure_reasons(),
+        "cpu_cores": samples.cpu_cores,
+    }
+
+
+def soak(run: LoadTestRun, rate: float, seconds: float, users: int = 32) -> Dict[str, Any]:
+    stages = [Stage(seconds, users, "PlainUser", rate)]
+    samples = run_locust(run, "soak", stages)
+    stats = samples.stats(PLAIN)
+    xs, p99, per_s = samples.timeline(PLAIN, bucket=10.0)
+    return {
+        "rate_target": rate,
+        "seconds": seconds,
+        "plain": stats.to_dict(),
+        "timeline": {"t_s": xs.tolist(), "p99_ms": p99.tolist(), "requests_per_s": per_s.tolist()},
+        "pass": stats.failures == TARGETS["soak_failures"] and stats.requests > 0,
+        "failure_reasons": samples.failure_reasons(),
+        "cpu_cores": samples.cpu_cores,
+    }
+
+
+def smoke(run: LoadTestRun, seconds: float = 6.0) -> Dict[str, Any]:
+    stages = [
+        Stage(seconds, 2, "PlainUser"),
+        Stage(seconds, 2, "MixedUser"),
+        Stage(seconds, 2, "PlainUser", 40.0, "DefendedUser", 1, 5.0),
+    ]
+    samples = run_locust(run, "smoke", stages, settings=[MIXED])
+    return {
+        "overall": _overall(samples),
+        "stages": _stage_rows(samples, stages, 0.0),
+        "failure_reasons": samples.failure_reasons(),
+        "requests": len(samples),
+        "cpu_cores": samples.cpu_cores,
+    }
+
+
+SCENARIOS = ("full", "smoke", "saturation", "defended", "isolation", "soak", "batching")
+
+
+# ---- orchestration ---------------------------------------------------------------------------
+def _start(run_dir: Path, model: str, store: Path, log) -> "tuple[Any, str]":
+    from ..serving.server import Ports, read_keys, start_server
+
+    info = start_server(run_dir, [model], store, Ports.free(), log=log)
+    return info, read_keys(run_dir)["inference"]
+
+
+def _verdicts(results: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    out: Dict[str, Dict[str, Any]] = {}
+    sat, inproc = results.get("saturation"), results.get("in_process")
+    if sat and inproc:
+        ratio = sat["saturated_throughput"] / inproc["samples_per_s"]
+        out["saturation"] = {
+            "value": ratio,
+            "target": f">= {TARGETS['saturation_ratio']}x in-process",
+            "pass": ratio >= TARGETS["saturation_ratio"],
+        }
+    if results.get("soak"):
+        s = results["soak"]
+        out["soak"] = {"value": s["plain"]["failures"], "target": "0 failed requests", "pass": s["pass"]}
+    if results.get("isolation"):
+        i = results["isolation"]
+        out["isolation"] = {
+            "value": i["p99_ratio"],
+            "target": f"plain p99 x <= {TARGETS['isolation_p99_ratio']}",
+            "pass": i["pass"],
+        }
+    return out
+
+
+def _batching(args, out: Path, payloads: PayloadSet, settings, log) -> List[Dict[str, Any]]:
+    from ..serving.archive import SHIPPED, build_archives, parse_lane_config
+    from ..serving.server import stop_server
+
+    rows = []
+    for text in args.plain_lanes:
+        lane = parse_lane_config(text)
+        tag = f"b{lane.batch_size}-d{lane.max_batch_delay_ms}"
+        store = out / "batching" / tag / "store"
+        build_archives(SHIPPED[args.model], args.model, store, lane_configs={"plain": lane})
+        inproc = in_process_throughput(store / f"{args.model}.mar", payloads)
+        run_dir = out / "batching" / tag / "serve"
+        info, token = _start(run_dir, args.model, store, log)
+        run = LoadTestRun(out / "batching" / tag, args.model, info.inference_url, token, out / "payloads.json",
+                          info.metrics_url, args.settle, log, info.pid)  # fmt: skip
+        try:
+            sat = saturation(run, args.users, args.stage_seconds)
+        finally:
+            stop_server(run_dir, log=lambda *_: None)
+        best = next(r for r in sat["stages"] if r["users"] == sat["saturated_at_users"])
+        rows.append(
+            {
+                "plain_lane": asdict(lane),
+                "in_process_samples_per_s": inproc["samples_per_s"],
+                "saturated_throughput": sat["saturated_throughput"],
+                "ratio": sat["saturated_throughput"] / inproc["samples_per_s"],
+                "p50_ms_at_saturation": best["p50_ms"],
+                "p99_ms_at_saturation": best["p99_ms"],
+                "mean_batch_size": sat["mean_batch_size"],
+                "cpu_cores": sat["cpu_cores"],
+                "stages": sat["stages"],
+            }
+        )
+        log(f"[batching {tag}] {sat['saturated_throughput']:.0f} req/s, in-process {inproc['samples_per_s']:.0f}/s")
+    return rows
+
+
+def run_loadtest(args: argparse.Namespace) -> int:
+    from ..serving.archive import DEFAULT_STORE, SHIPPED
+    from ..serving.server import stop_server
+    from .report import render_markdown, write_plots
+
+    log = print
+    if args.model not in SHIPPED:
+        raise ValueError(f"unknown model {args.model!r}; the load test knows {', '.join(SHIPPED)}")
+    out = Path(args.out or f"runs/loadtest/{args.model}").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    store = Path(args.store or DEFAULT_STORE).resolve()
+    settings = DefendedSetting.parse_list(args.defended)
+    started = datetime.now(timezone.utc)
+    log(f"payloads: {args.payloads} CIFAR-10 test images labelled in-process (plain + {len(settings)} settings)")
+    payloads = build_payloads(SHIPPED[args.model], args.model, args.payloads, [*settings, MIXED])
+    payloads.save(out / "payloads.json")
+    results: Dict[str, Any] = {
+        "model": args.model,
+        "scenario": args.scenario,
+        "date": started.isoformat(timespec="seconds"),
+        "command": " ".join(["robustdeq", "loadtest", *sys.argv[2:]]) if len(sys.argv) > 1 else "robustdeq loadtest",
+        "cpus": os.cpu_count(),
+        "payloads": {"images": len(payloads), "dropped_near_ties": payloads.dropped_near_ties},
+        "store": str(store),
+    }
+    scenario = args.scenario
+    if scenario == "batching":
+        results["batching"] = _batching(args, out, payloads, settings, log)
+    else:
+        if scenario in ("full", "saturation"):
+            results["in_process"] = in_process_throughput(store / f"{args.model}.mar", payloads)
+            ip = results["in_process"]
+            log(f"in-process handler: {ip['samples_per_s']:.0f} samples/s at batch {ip['batch_size']}")
+        info, token = _start(out / "serve", args.model, store, log)
+        run = LoadTestRun(out, args.model, info.inference_url, token, out / "payloads.json", info.metrics_url,
+                          args.settle, log, info.pid)  # fmt: skip
+        try:
+            if scenario == "smoke":
+                results["smoke"] = smoke(run, args.stage_seconds)
+            if scenario in ("full", "saturation"):
+                results["saturation"] = saturation(run, args.users, args.stage_seconds)
+            if scenario in ("full", "defended"):
+                results["defended"] = defended(run, args.defended_users, args.stage_seconds, settings)
+            saturated = args.saturated_rate or (results.get("saturation") or {}).get("saturated_throughput")
+            if scenario in ("isolation", "soak") and not saturated:
+                raise ValueError(f"--scenario {scenario} needs --saturated-rate (or run --scenario full)")
+            if scenario in ("full", "isolation"):
+                results["isolation"] = isolation(run, 0.5 * saturated, args.isolation_seconds)
+            if scenario in ("full", "soak"):
+                results["soak"] = soak(run, 0.7 * saturated, args.soak_seconds)
+        finally:
+            stop_server(out / "serve", log=lambda *_: None)
+    results["verdicts"] = _verdicts(results)
+    results["seconds"] = (datetime.now(timezone.utc) - started).total_seconds()
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    plots = write_plots(results, out)
+    report = render_markdown(results, plots)
+    (out / "report.md").write_text(report + "\n")
+    print("\n" + report)
+    print(f"\nwrote {out / 'results.json'}, {out / 'report.md'}, " + ", ".join(str(p) for p in plots))
+    failures = sum(r.get("failures", 0) for key in ("smoke",) for r in (results.get(key) or {}).get("overall", []))
+    return 1 if failures else 0

@@ -1,0 +1,145 @@
+"""The load test: exact statistics, the answer check, and short real Locust runs against a real
+TorchServe (``robustdeq loadtest --scenario smoke`` end to end, and a run whose expected labels are
+wrong, which must count every such request as a failure)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+
+from robustdeq.data import PROJECT_ROOT
+from robustdeq.loadtest.samples import SampleRecorder, Samples, nearest_rank
+from robustdeq.loadtest.traffic import PLAIN, DefendedSetting, PayloadSet, Stage, build_payloads, check_answer
+from robustdeq.serving.archive import SHIPPED
+
+needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java 17")
+
+
+def test_nearest_rank_percentiles_are_exact():
+    values = list(range(100, 0, -1))  # 1..100, unsorted
+    assert (nearest_rank(values, 50), nearest_rank(values, 99), nearest_rank(values, 100)) == (50, 99, 100)
+    assert nearest_rank([7.0], 99) == 7.0 and nearest_rank(values, 0.5) == 1
+    assert nearest_rank([], 50) != nearest_rank([], 50)  # NaN
+    with pytest.raises(ValueError):
+        nearest_rank(values, 0)
+
+
+def _answer(index=3, mode="off", ran=False, **defense):
+    return json.dumps(
+        {
+            "index": index,
+            "label": "cat",
+            "top_k": [{"index": index, "label": "cat", "probability": 0.9}],
+            "defense": {"mode": mode, "ran": ran, **defense},
+        }
+    )
+
+
+def test_answer_check_accepts_only_the_right_label_shape_and_defense():
+    t2r10 = DefendedSetting(2, 10)
+    assert check_answer(200, _answer(), 3) is None
+    assert check_answer(200, _answer(mode="on", ran=True, T_f=2, R=10), 3, t2r10) is None
+    assert "where the library says 5" in check_answer(200, _answer(), 5)
+    assert check_answer(503, '{"code": 503}', 3).startswith("HTTP 503")
+    assert "not JSON" in check_answer(200, "<html>", 3)
+    assert "'index'" in check_answer(200, json.dumps({"label": "cat"}), 3)
+    assert "'index'" in check_answer(200, _answer().replace('"index": 3,', '"index": true,', 1), 3)
+    assert "plain request was defended" in check_answer(200, _answer(mode="on", ran=True), 3)
+    assert "not the requested" in check_answer(200, _answer(mode="on", ran=True, T_f=2, R=5), 3, t2r10)
+    assert "not the requested" in check_answer(200, _answer(mode="on", ran=False, T_f=2, R=10), 3, t2r10)
+
+
+def test_stages_and_settings_validate():
+    assert [s.key for s in DefendedSetting.parse_list("2:10, 1:5")] == ["T2R10", "T1R5"]
+    for bad in ("2-10", "0:5", "", "2:x"):
+        with pytest.raises(ValueError):
+            DefendedSetting.parse_list(bad)
+    stages = [Stage(10, 4, "PlainUser", 40.0), Stage(5, 2, "PlainUser", None, "DefendedUser", 3, 6.0)]
+    assert Stage.load_list(Stage.dump(stages)) == stages and stages[0].per_user_rate("PlainUser") == 10.0
+    assert stages[1].classes == {"PlainUser": 2, "DefendedUser": 3} and stages[1].total_users == 5
+    assert stages[1].per_user_rate("DefendedUser") == 2.0 and stages[1].per_user_rate("PlainUser") is None
+    with pytest.raises(ValueError):
+        Stage(10, 2, also_user="DefendedUser")
+    with pytest.raises(ValueError):
+        Stage(10, 0)
+    with pytest.raises(ValueError):
+        Stage(10, 2, rate=-1.0)
+
+
+def test_samples_give_per_stage_windows_throughput_and_failures(tmp_path):
+    rec = SampleRecorder()
+    rec.start_stage(0, 1000.0)
+    for i in range(100):  # 10 s of stage 0: 10 requests/s, 1..100 ms
+        rec.on_request("plain", 1000.0 + i * 0.1, float(i + 1))
+    rec.start_stage(1, 1010.0)
+    for i in range(40):  # stage 1: 20 requests/s, every 4th one failed
+        rec.on_request("plain", 1010.0 + i * 0.05, 5.0, None if i % 4 else RuntimeError("HTTP 503"))
+    samples = Samples(rec.save(tmp_path / "s.csv"))
+    first = samples.stats("plain", stage=0)
+    assert (first.requests, first.failures, first.p50_ms, first.p99_ms) == (100, 0, 50.0, 99.0)
+    assert first.throughput == pytest.approx(10.0)
+    settled = samples.stats("plain", stage=0, settle=5.0)
+    assert settled.requests == 50 and settled.p50_ms == 75.0
+    second = samples.stats("plain", stage=1)
+    assert (second.requests, second.failures) == (40, 10) and second.throughput == pytest.approx(30 / 1.955, rel=0.01)
+    assert samples.failure_reasons() == {"HTTP 503": 10}
+
+
+@pytest.fixture(scope="module")
+def payloads(tmp_path_factory):
+    path = tmp_path_factory.mktemp("payloads") / "payloads.json"
+    built = build_payloads(SHIPPED["deq-tiny"], "deq-tiny", n=12, settings=[DefendedSetting(2, 10)])
+    assert len(built) == 12 and set(built.expected) == {PLAIN, "T2R10"}
+    assert PayloadSet.load(built.save(path)).expected == built.expected
+    return built
+
+
+@needs_java
+def test_smoke_run_end_to_end_has_no_failures_and_exact_counts(tmp_path):
+    out = tmp_path / "smoke"
+    proc = subprocess.run(
+        [sys.executable, "-m", "robustdeq", "loadtest", "--scenario", "smoke", "--stage-seconds", "4",
+         "--payloads", "16", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=PROJECT_ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["name"]: r for r in results["smoke"]["overall"]}
+    assert set(rows) == {PLAIN, "defended T_f=2 R=10"}, rows
+    assert all(r["failures"] == 0 and r["requests"] > 0 for r in rows.values()), results["smoke"]
+    # the last stage runs plain and defended users side by side (class weights = user counts)
+    assert {r["name"] for r in results["smoke"]["stages"] if r["stage"] == 2} == set(rows)
+    assert rows[PLAIN]["p50_ms"] <= rows[PLAIN]["p95_ms"] <= rows[PLAIN]["p99_ms"] <= rows[PLAIN]["max_ms"]
+    # every request Locust counted is in our samples (a few more may finish during shutdown,
+    # after Locust's last CSV write)
+    with open(out / "smoke_stats.csv", newline="") as fh:
+        locust_total = next(int(r["Request Count"]) for r in csv.DictReader(fh) if r["Name"] == "Aggregated")
+    recorded = sum(r["requests"] for r in rows.values())
+    assert recorded == results["smoke"]["requests"] and locust_total <= recorded <= locust_total + 4
+    assert (out / "smoke.html").stat().st_size > 1000 and "## Smoke" in (out / "report.md").read_text()
+    assert not (out / "serve" / "server.json").exists() or "pid" in (out / "serve" / "server.json").read_text()
+
+
+@needs_java
+def test_a_wrong_label_counts_as_a_failed_request(tmp_path, payloads):
+    from robustdeq.loadtest.runner import LoadTestRun, run_locust
+    from robustdeq.serving.server import Ports, read_keys, start_server, stop_server
+
+    wrong = replace(payloads, expected={k: [(i + 1) % 10 for i in v] for k, v in payloads.expected.items()})
+    run_dir = tmp_path / "serve"
+    info = start_server(run_dir, ["deq-tiny"], PROJECT_ROOT / "model_store", Ports.free(), log=lambda *_: None)
+    try:
+        run = LoadTestRun(tmp_path, "deq-tiny", info.inference_url, read_keys(run_dir)["inference"],
+                          wrong.save(tmp_path / "wrong.json"), log=lambda *_: None)  # fmt: skip
+        samples = run_locust(run, "wrong", [Stage(3, 2, "PlainUser")])
+    finally:
+        stop_server(run_dir, log=lambda *_: None)
+    stats = samples.stats(PLAIN)
+    assert stats.requests > 0 and stats.failures == stats.requests
+    assert all("where the library says" in why for why in samples.failure_reasons())
