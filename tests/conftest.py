@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+from dataclasses import astuple
+from pathlib import Path
+
 import pytest
 import torch
 
 from robustdeq import create_model
 from robustdeq.data import default_archive, load_cifar10
+
+from .serving_helpers import SHIPPED, robustdeq_cli
 
 
 @pytest.fixture(scope="session")
@@ -45,3 +52,45 @@ def available_devices():
     if torch.cuda.is_available():
         devices.append("cuda")
     return devices
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """A real TorchServe with the shipped deq-tiny archives (plain + defended lanes) on free loopback
+    ports, started and stopped with the CLI; shared by every test that needs a server."""
+    if shutil.which("java") is None:
+        pytest.skip("TorchServe needs Java 17")
+    from robustdeq.serving.server import Ports, read_server_info
+
+    run_dir = tmp_path_factory.mktemp("serve")
+    inference, management, metrics, g1, g2 = astuple(Ports.free())
+    proc = robustdeq_cli(
+        "serve", "--run-dir", str(run_dir), "--models", "deq-tiny",
+        "--inference-port", str(inference), "--management-port", str(management), "--metrics-port", str(metrics),
+        "--grpc-ports", str(g1), str(g2), "--timeout", "240",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Authorization: Bearer $TOKEN" in proc.stdout and "key_file.json" in proc.stdout
+    info = read_server_info(run_dir)
+    yield info
+    stopped = robustdeq_cli("stop", "--run-dir", str(run_dir), timeout=60)
+    assert stopped.returncode == 0, stopped.stderr
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    from robustdeq.serving.client import Client
+    from robustdeq.serving.server import read_keys
+
+    return Client(server.inference_url, read_keys(Path(server.run_dir))["inference"])
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """The in-process library on the same checkpoint the archives hold, with its entropy gate."""
+    from robustdeq.checkpoint import load_checkpoint
+    from robustdeq.serving.engine import gate_from_card
+
+    model = load_checkpoint(SHIPPED / "model.pt").build_model()
+    card = json.loads((SHIPPED / "robustness_card.json").read_text())
+    return model, gate_from_card(card)

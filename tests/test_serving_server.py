@@ -8,102 +8,26 @@ T_f / R, bad inputs among concurrent good ones, the Prometheus scrape of the met
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import astuple
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
-from robustdeq.checkpoint import load_checkpoint
 from robustdeq.data import PROJECT_ROOT
 from robustdeq.serving.client import Client
-from robustdeq.serving.engine import gate_from_card
 from robustdeq.serving.metrics import METRICS
-from robustdeq.serving.server import Ports, http_get, read_keys, read_server_info
+from robustdeq.serving.server import http_get, read_keys
 
-SHIPPED = PROJECT_ROOT / "training" / "shipped" / "deq-tiny-trades-rs"
+from .serving_helpers import family, png, robustdeq_cli, sample_value, scrape
 
 pytestmark = pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java 17")
-
-
-def robustdeq_cli(*args, timeout=300):
-    return subprocess.run(
-        [sys.executable, "-m", "robustdeq", *args], capture_output=True, text=True, timeout=timeout, cwd=PROJECT_ROOT
-    )
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("serve")
-    inference, management, metrics, g1, g2 = astuple(Ports.free())
-    proc = robustdeq_cli(
-        "serve", "--run-dir", str(run_dir), "--models", "deq-tiny",
-        "--inference-port", str(inference), "--management-port", str(management), "--metrics-port", str(metrics),
-        "--grpc-ports", str(g1), str(g2), "--timeout", "240",
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "Authorization: Bearer $TOKEN" in proc.stdout and "key_file.json" in proc.stdout
-    info = read_server_info(run_dir)
-    yield info
-    stopped = robustdeq_cli("stop", "--run-dir", str(run_dir), timeout=60)
-    assert stopped.returncode == 0, stopped.stderr
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return Client(server.inference_url, read_keys(Path(server.run_dir))["inference"])
-
-
-@pytest.fixture(scope="module")
-def reference():
-    """The in-process library on the same checkpoint the archives hold."""
-    model = load_checkpoint(SHIPPED / "model.pt").build_model()
-    card = json.loads((SHIPPED / "robustness_card.json").read_text())
-    return model, gate_from_card(card)
-
-
-def png(images_uint8: torch.Tensor) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(images_uint8.permute(1, 2, 0).numpy()).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def scrape(server):
-    status, body = http_get(server.metrics_url + "/metrics")
-    assert status == 200
-    families = {}
-    for family in text_string_to_metric_families(body.decode()):
-        families[family.name] = family
-    return families
-
-
-def family(families, name):
-    """A family by its exposed name (the parser drops a counter's ``_total``)."""
-    return families.get(name) or families.get(name.removesuffix("_total"))
-
-
-def sample_value(families, name, suffix="", **labels):
-    fam = family(families, name)
-    if fam is None:
-        return 0.0
-    total = 0.0
-    for s in fam.samples:
-        if s.name.endswith(suffix) and all(s.labels.get(k) == v for k, v in labels.items()):
-            if suffix or not s.name.endswith(("_bucket", "_count", "_sum", "_created")):
-                total += s.value
-    return total
 
 
 def test_accuracy_over_http_matches_the_library(server, client, reference, cifar_test):

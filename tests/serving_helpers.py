@@ -1,0 +1,52 @@
+"""Helpers shared by the tests that talk to a real TorchServe (the server fixture is in conftest.py)."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import torch
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from robustdeq.data import PROJECT_ROOT
+from robustdeq.serving.server import http_get
+
+SHIPPED = PROJECT_ROOT / "training" / "shipped" / "deq-tiny-trades-rs"
+
+
+def robustdeq_cli(*args, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "robustdeq", *args], capture_output=True, text=True, timeout=timeout, cwd=PROJECT_ROOT
+    )
+
+
+def png(images_uint8: torch.Tensor) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(images_uint8.permute(1, 2, 0).numpy()).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def scrape(server) -> dict:
+    """The live metrics port, parsed with prometheus-client: {family name: family}."""
+    status, body = http_get(server.metrics_url + "/metrics")
+    assert status == 200
+    return {family.name: family for family in text_string_to_metric_families(body.decode())}
+
+
+def family(families, name):
+    """A family by its exposed name (the parser drops a counter's ``_total``)."""
+    return families.get(name) or families.get(name.removesuffix("_total"))
+
+
+def sample_value(families, name, suffix="", **labels):
+    fam = family(families, name)
+    if fam is None:
+        return 0.0
+    total = 0.0
+    for s in fam.samples:
+        if s.name.endswith(suffix) and all(s.labels.get(k) == v for k, v in labels.items()):
+            if suffix or not s.name.endswith(("_bucket", "_count", "_sum", "_created")):
+                total += s.value
+    return total
