@@ -74,7 +74,7 @@ def inference_token() -> str:
     token = os.environ.get(ENV["token"])
     if token:
         return token
-    from robustdeq.serving.server import read_keys
+    from robustdeq.serving.runfolder import read_keys
 
     return read_keys(Path(os.environ.get(ENV["run_dir"], ".serve")))["inference"]
 

@@ -27,7 +27,9 @@ from torch import Tensor
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 ARCHIVE_NAME = "cifar10-jpeg.tar.gz"
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# The checkout (serving/, handlers/, model_store/ ...), or $ROBUSTDEQ_HOME when the library is
+# installed as a wheel (the Docker image puts those folders in /opt/robustdeq).
+PROJECT_ROOT = Path(os.environ.get("ROBUSTDEQ_HOME") or Path(__file__).resolve().parent.parent)
 
 __all__ = [
     "CLASSES",

@@ -60,7 +60,8 @@ def server(tmp_path_factory):
     ports, started and stopped with the CLI; shared by every test that needs a server."""
     if shutil.which("java") is None:
         pytest.skip("TorchServe needs Java 17")
-    from robustdeq.serving.server import Ports, read_server_info
+    from robustdeq.serving.runfolder import read_server_info
+    from robustdeq.serving.server import Ports
 
     run_dir = tmp_path_factory.mktemp("serve")
     inference, management, metrics, g1, g2 = astuple(Ports.free())
@@ -80,7 +81,7 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def client(server):
     from robustdeq.serving.client import Client
-    from robustdeq.serving.server import read_keys
+    from robustdeq.serving.runfolder import read_keys
 
     return Client(server.inference_url, read_keys(Path(server.run_dir))["inference"])
 

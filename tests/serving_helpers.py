@@ -11,7 +11,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from robustdeq.data import PROJECT_ROOT
-from robustdeq.serving.server import http_get
+from robustdeq.serving.runfolder import http_get
 
 SHIPPED = PROJECT_ROOT / "training" / "shipped" / "deq-tiny-trades-rs"
 

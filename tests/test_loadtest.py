@@ -129,7 +129,8 @@ def test_smoke_run_end_to_end_has_no_failures_and_exact_counts(tmp_path):
 @needs_java
 def test_a_wrong_label_counts_as_a_failed_request(tmp_path, payloads):
     from robustdeq.loadtest.runner import LoadTestRun, run_locust
-    from robustdeq.serving.server import Ports, read_keys, start_server, stop_server
+    from robustdeq.serving.runfolder import read_keys
+    from robustdeq.serving.server import Ports, start_server, stop_server
 
     wrong = replace(payloads, expected={k: [(i + 1) % 10 for i in v] for k, v in payloads.expected.items()})
     run_dir = tmp_path / "serve"

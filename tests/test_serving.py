@@ -302,6 +302,19 @@ def test_rendered_config_is_hardened(tmp_path):
     assert props["load_models"] == "deq-tiny.mar,deq-tiny-defended.mar"
     assert props["allowed_urls"].startswith("^file://" + str(STORE.resolve()).replace("/", "/"))
     assert props["metrics_mode"] == "prometheus"
+    container = render_config(
+        PROJECT_ROOT / "serving" / "config.properties",
+        STORE,
+        ["deq-tiny"],
+        Ports(),
+        PROJECT_ROOT / "serving" / "metrics.yaml",
+        system_metrics=False,
+        host="0.0.0.0",
+    )
+    props = dict(line.split("=", 1) for line in container.splitlines() if "=" in line and not line.startswith("#"))
+    assert props["inference_address"] == "http://0.0.0.0:8080" and props["metrics_address"] == "http://0.0.0.0:8082"
+    assert props["management_address"] == "http://127.0.0.1:8081" and props["grpc_management_address"] == "127.0.0.1"
+    assert props["disable_token_authorization"] == "false"
 
 
 # ---- the handler, driven by TorchServe's own request plumbing ----------------------------------

@@ -23,7 +23,7 @@ import torch
 from robustdeq.data import PROJECT_ROOT
 from robustdeq.serving.client import Client
 from robustdeq.serving.metrics import METRICS
-from robustdeq.serving.server import http_get, read_keys
+from robustdeq.serving.runfolder import http_get, read_keys
 
 from .serving_helpers import family, png, robustdeq_cli, sample_value, scrape
 
@@ -194,6 +194,17 @@ def test_python_client_cli(server):
     assert proc.stdout.count("defense on (T_f=2, R=3)") == 2
     proc = robustdeq_cli("predict", "serving/examples/ship.png", "--R", "99", "--defense", "on", "--json", *env_run)
     assert proc.returncode == 1 and json.loads(proc.stdout)["reason"] == "option_out_of_bounds"
+
+
+def test_health_check(server, tmp_path):
+    proc = robustdeq_cli("health", "--run-dir", server.run_dir)
+    assert proc.returncode == 0 and "Healthy; 2 models ready" in proc.stdout, proc.stdout + proc.stderr
+    proc = robustdeq_cli("health", "--run-dir", str(tmp_path))
+    assert proc.returncode == 1 and "no server.json" in proc.stderr
+    shutil.copy(Path(server.run_dir) / "server.json", tmp_path)
+    (tmp_path / "key_file.json").write_text(json.dumps({k: {"key": "stale"} for k in ("management", "inference")}))
+    proc = robustdeq_cli("health", "--run-dir", str(tmp_path))
+    assert proc.returncode == 1 and "Token Authorization failed" in proc.stderr, proc.stderr
 
 
 def test_a_killed_worker_is_restarted(server, client, cifar_test):

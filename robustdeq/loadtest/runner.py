@@ -150,7 +150,7 @@ def _metric_sums(run: LoadTestRun, name: str) -> Dict[str, float]:
     """``{model: (sum, count)}`` of a histogram on the metrics port (0, 0 if absent)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    from ..serving.server import http_get
+    from ..serving.runfolder import http_get
 
     status, body = http_get(f"{run.metrics_url}/metrics")
     out: Dict[str, List[float]] = {}
@@ -284,7 +284,8 @@ SCENARIOS = ("full", "smoke", "saturation", "defended", "isolation", "soak", "ba
 
 # ---- orchestration ---------------------------------------------------------------------------
 def _start(run_dir: Path, model: str, store: Path, log) -> "tuple[Any, str]":
-    from ..serving.server import Ports, read_keys, start_server
+    from ..serving.runfolder import read_keys
+    from ..serving.server import Ports, start_server
 
     info = start_server(run_dir, [model], store, Ports.free(), log=log)
     return info, read_keys(run_dir)["inference"]

@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 from .archive import DEFAULT_HANDLER, DEFAULT_STORE, LANE_DEFAULTS, LANES
+from .health import add_health_arguments, run_health
 from .options import DEFENSE_MODES
-from .server import DEFAULT_MODELS, DEFAULT_RUN_DIR, Ports
+from .runfolder import DEFAULT_RUN_DIR
+from .server import DEFAULT_MODELS, Ports
 
 
 def add_serving_parsers(sub) -> None:
@@ -66,13 +68,38 @@ def add_serving_parsers(sub) -> None:
     )
     p.add_argument("--models", default=",".join(DEFAULT_MODELS), help="models to load (default: %(default)s)")
     p.add_argument("--store", default=str(DEFAULT_STORE), help="model store (default: model_store/)")
-    p.add_argument("--run-dir", default=str(DEFAULT_RUN_DIR), help="run folder: config, tokens, logs (.serve)")
+    p.add_argument(
+        "--run-dir",
+        default=str(DEFAULT_RUN_DIR),
+        help="run folder: config, tokens, logs (default: $ROBUSTDEQ_RUN_DIR or .serve)",
+    )
     for name, default in (("inference", 8080), ("management", 8081), ("metrics", 8082)):
         p.add_argument(f"--{name}-port", type=int, default=default, help=f"{name} port (default {default})")
     p.add_argument("--grpc-ports", type=int, nargs=2, default=(7070, 7071), metavar=("INFER", "MANAGE"))
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the workers (default 300)")
-    p.add_argument("--foreground", action="store_true", help="stay attached until Ctrl-C (containers)")
+    p.add_argument(
+        "--foreground",
+        action="store_true",
+        help="stay attached and stream TorchServe's console to stdout until Ctrl-C or SIGTERM (containers)",
+    )
+    p.add_argument(
+        "--bind",
+        default="127.0.0.1",
+        metavar="HOST",
+        help="address of the inference and metrics listeners (default 127.0.0.1; 0.0.0.0 only inside a container "
+        "whose ports you publish). The management API always stays on 127.0.0.1",
+    )
     p.set_defaults(func=_serve)
+
+    p = sub.add_parser(
+        "health",
+        help="exit 0 when the server answers /ping (the Docker HEALTHCHECK)",
+        description="Read the address and the inference token from the run folder, call /ping, exit 0 when it "
+        "answers Healthy and 1 otherwise (with the reason). 'python -m robustdeq.serving.health' is the same check "
+        "without importing torch.",
+    )
+    add_health_arguments(p)
+    p.set_defaults(func=run_health)
 
     p = sub.add_parser("stop", help="stop the server started by 'robustdeq serve'")
     p.add_argument("--run-dir", default=str(DEFAULT_RUN_DIR))
@@ -131,18 +158,31 @@ def _archive(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .server import ServerError, start_server
+    from .server import ServerError, sigterm_as_interrupt, start_server
 
+    if args.foreground:
+        sigterm_as_interrupt()
     ports = Ports(args.inference_port, args.management_port, args.metrics_port, *args.grpc_ports)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     try:
-        info = start_server(Path(args.run_dir), models, Path(args.store), ports, timeout=args.timeout)
+        info = start_server(
+            Path(args.run_dir),
+            models,
+            Path(args.store),
+            ports,
+            timeout=args.timeout,
+            host=args.bind,
+            console_to_stdout=args.foreground,
+        )
     except ServerError as exc:
         print(f"robustdeq serve: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("robustdeq serve: interrupted while starting; TorchServe stopped", file=sys.stderr)
+        return 130
     key_file = info.key_file
     token_cmd = f"python3 -c \"import json;print(json.load(open('{key_file}'))['inference']['key'])\""
-    print(f"\nTorchServe is up (pid {info.pid}), run folder {info.run_dir}")
+    print(f"\nTorchServe is up (pid {info.pid}), run folder {info.run_dir}", flush=True)
     print(f"  inference   {info.inference_url}/predictions/<model>   models: {', '.join(info.models)}")
     print(f"  management  {info.management_url}   (management key; model registration is off)")
     print(f"  metrics     {info.metrics_url}/metrics   (Prometheus text)")
@@ -165,7 +205,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.foreground:
         from .server import wait_until_stopped
 
-        wait_until_stopped(info)
+        return wait_until_stopped(info)
     return 0
 
 
@@ -178,7 +218,7 @@ def _stop(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     from .client import Client, summarise
-    from .server import ServerError
+    from .runfolder import ServerError
 
     try:
         client = Client.from_run_dir(Path(args.run_dir))

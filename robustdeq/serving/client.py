@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 from .archive import DEFENDED_SUFFIX
-from .server import DEFAULT_RUN_DIR, ServerError, read_keys, read_server_info
+from .runfolder import DEFAULT_RUN_DIR, ServerError, read_keys, read_server_info
 
 __all__ = ["Client", "endpoint_for"]
 

@@ -10,7 +10,6 @@ for ``robustdeq stop``.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -18,37 +17,30 @@ import signal
 import subprocess
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
 from ..data import PROJECT_ROOT
 from ..runtime import find_executable
 from .archive import DEFAULT_STORE, archive_name
+from .runfolder import (
+    DEFAULT_RUN_DIR,
+    ServerError,
+    ServerInfo,
+    http_get,
+    read_keys,
+    read_server_info,
+    unready_models,
+)
 
 DEFAULT_CONFIG = PROJECT_ROOT / "serving" / "config.properties"
 DEFAULT_METRICS = PROJECT_ROOT / "serving" / "metrics.yaml"
 DEFAULT_MODELS = ("deq-tiny", "lyadeq-tiny")
-DEFAULT_RUN_DIR = Path(".serve")
+LOOPBACK = "127.0.0.1"
 _SOCKET_PATH_LIMIT = 90  # AF_UNIX paths are limited to 108 bytes; TorchServe appends /.ts.sock.NNNN
 
-__all__ = [
-    "ServerInfo",
-    "Ports",
-    "render_config",
-    "start_server",
-    "stop_server",
-    "read_server_info",
-    "read_keys",
-    "DEFAULT_RUN_DIR",
-    "DEFAULT_MODELS",
-]
-
-
-class ServerError(RuntimeError):
-    """The server could not be started, reached or stopped; the message says why."""
+__all__ = ["Ports", "render_config", "start_server", "stop_server", "DEFAULT_MODELS"]
 
 
 @dataclass
@@ -74,21 +66,6 @@ class Ports:
                 sock.close()
 
 
-@dataclass
-class ServerInfo:
-    pid: int
-    run_dir: str
-    inference_url: str
-    management_url: str
-    metrics_url: str
-    models: List[str]
-    key_file: str
-    started: float = field(default_factory=time.time)
-
-    def save(self) -> None:
-        Path(self.run_dir, "server.json").write_text(json.dumps(asdict(self), indent=1) + "\n")
-
-
 def _properties(text: str) -> Dict[str, str]:
     out = {}
     for line in text.splitlines():
@@ -107,14 +84,21 @@ def render_config(
     metrics_config: Path,
     system_metrics: bool,
     java_tmpdir: Optional[Path] = None,
+    host: str = LOOPBACK,
 ) -> str:
-    """The template with addresses, absolute paths and the models to load filled in."""
+    """The template with addresses, absolute paths and the models to load filled in.
+
+    ``host`` is where the inference and metrics listeners (and gRPC inference) bind: loopback by
+    default, ``0.0.0.0`` inside a container whose ports are published. The management API
+    always stays on loopback."""
     text = Path(template).read_text()
     store = Path(store).resolve()
     overrides = {
-        "inference_address": f"http://127.0.0.1:{ports.inference}",
-        "management_address": f"http://127.0.0.1:{ports.management}",
-        "metrics_address": f"http://127.0.0.1:{ports.metrics}",
+        "inference_address": f"http://{host}:{ports.inference}",
+        "management_address": f"http://{LOOPBACK}:{ports.management}",
+        "metrics_address": f"http://{host}:{ports.metrics}",
+        "grpc_inference_address": host,
+        "grpc_management_address": LOOPBACK,
         "grpc_inference_port": str(ports.grpc_inference),
         "grpc_management_port": str(ports.grpc_management),
         "model_store": str(store),
@@ -167,58 +151,18 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def read_server_info(run_dir: Path = DEFAULT_RUN_DIR) -> Optional[ServerInfo]:
-    path = Path(run_dir) / "server.json"
-    if not path.is_file():
-        return None
-    return ServerInfo(**json.loads(path.read_text()))
-
-
-def read_keys(run_dir: Path = DEFAULT_RUN_DIR, wait: float = 2.0) -> Dict[str, str]:
-    """``{"management", "inference", "api"}`` keys from TorchServe's key_file.json (waiting up
-    to ``wait`` seconds while TorchServe is still writing it)."""
-    path = Path(run_dir) / "key_file.json"
-    if not path.is_file():
-        raise ServerError(f"no key file at {path}: is the server running from {run_dir}?")
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            data = json.loads(path.read_text())
-            break
-        except ValueError:
-            if time.monotonic() > deadline:
-                raise ServerError(f"the key file {path} is not valid JSON") from None
-            time.sleep(0.1)
-    return {
-        "management": data["management"]["key"],
-        "inference": data["inference"]["key"],
-        "api": data.get("API", {}).get("key", ""),
-    }
-
-
-def http_get(url: str, token: Optional[str] = None, timeout: float = 5.0) -> "tuple[int, bytes]":
-    """GET with an optional bearer token -> (status, body); connection errors give status 0."""
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-    except (urllib.error.URLError, OSError):
-        return 0, b""
-
-
-def _ports_free(ports: Ports) -> None:
-    """Fail early, naming the port, when one of them is taken on 127.0.0.1."""
+def _ports_free(ports: Ports, host: str = LOOPBACK) -> None:
+    """Fail early, naming the port, when one of them is taken (on ``host`` or on loopback)."""
     import socket
 
     for name, port in asdict(ports).items():
+        where = LOOPBACK if name in ("management", "grpc_management") else host
         with socket.socket() as sock:
             try:
-                sock.bind(("127.0.0.1", port))
+                sock.bind((where, port))
             except OSError:
                 flag = "--grpc-ports" if name.startswith("grpc") else f"--{name}-port"
-                raise ServerError(f"{name} port {port} on 127.0.0.1 is in use; choose another with {flag}") from None
+                raise ServerError(f"{name} port {port} on {where} is in use; choose another with {flag}") from None
 
 
 def _short_tmp(run_dir: Path) -> Path:
@@ -238,8 +182,13 @@ def start_server(
     metrics_config: Path = DEFAULT_METRICS,
     timeout: float = 300.0,
     log=print,
+    host: str = LOOPBACK,
+    console_to_stdout: bool = False,
 ) -> ServerInfo:
-    """Start TorchServe in the background and wait until every model has a ready worker."""
+    """Start TorchServe in the background and wait until every model has a ready worker.
+
+    TorchServe's console output goes to ``logs/console.log`` in the run folder, or to this
+    process's stdout with ``console_to_stdout`` (a container's log)."""
     run_dir = Path(run_dir).resolve()
     models = list(models or DEFAULT_MODELS)
     ports = ports or Ports()
@@ -247,7 +196,7 @@ def start_server(
     if existing and _pid_alive(existing.pid):
         raise ServerError(f"a server from {run_dir} is already running (pid {existing.pid}); `robustdeq stop` first")
     _java_ok()
-    _ports_free(ports)
+    _ports_free(ports, host)
     registrations = registrations_for(models, store)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "logs").mkdir(exist_ok=True)
@@ -259,7 +208,7 @@ def start_server(
     except ImportError:
         system_metrics = False
     tmp = _short_tmp(run_dir)
-    config = render_config(template, store, registrations, ports, metrics_config, system_metrics, tmp)
+    config = render_config(template, store, registrations, ports, metrics_config, system_metrics, tmp, host)
     (run_dir / "config.properties").write_text(config)
     env = {
         **os.environ,
@@ -283,14 +232,14 @@ def start_server(
         "--model-store",
         str(Path(store).resolve()),
     ]
-    console = open(run_dir / "logs" / "console.log", "ab")
+    console = None if console_to_stdout else open(run_dir / "logs" / "console.log", "ab")
     proc = subprocess.Popen(cmd, cwd=run_dir, env=env, stdout=console, stderr=subprocess.STDOUT, start_new_session=True)
     info = ServerInfo(
         pid=proc.pid,
         run_dir=str(run_dir),
-        inference_url=f"http://127.0.0.1:{ports.inference}",
-        management_url=f"http://127.0.0.1:{ports.management}",
-        metrics_url=f"http://127.0.0.1:{ports.metrics}",
+        inference_url=f"http://{LOOPBACK}:{ports.inference}",
+        management_url=f"http://{LOOPBACK}:{ports.management}",
+        metrics_url=f"http://{LOOPBACK}:{ports.metrics}",
         models=registrations,
         key_file=str(run_dir / "key_file.json"),
     )
@@ -303,14 +252,29 @@ def start_server(
     return info
 
 
-def wait_until_stopped(info: ServerInfo, poll: float = 1.0) -> None:
-    """Block while the server runs (``robustdeq serve --foreground``); Ctrl-C stops it."""
+def sigterm_as_interrupt() -> None:
+    """Make SIGTERM (``docker stop``, a Kubernetes pod shutdown) raise KeyboardInterrupt like Ctrl-C,
+    so that a foreground ``robustdeq serve`` stops TorchServe's process group before it exits, also
+    while it is still starting."""
+
+    def _interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def wait_until_stopped(info: ServerInfo, poll: float = 1.0) -> int:
+    """Block while the server runs (``robustdeq serve --foreground``); Ctrl-C (or SIGTERM after
+    :func:`sigterm_as_interrupt`) stops TorchServe's whole process group. Returns 0 after such a
+    stop, 1 when TorchServe died by itself."""
     try:
         while _pid_alive(info.pid):
             _reap(info.pid)
             time.sleep(poll)
+        return 1
     except KeyboardInterrupt:
         stop_server(Path(info.run_dir))
+        return 0
 
 
 def wait_ready(info: ServerInfo, proc: Optional[subprocess.Popen], timeout: float, log=print) -> None:
@@ -326,12 +290,7 @@ def wait_ready(info: ServerInfo, proc: Optional[subprocess.Popen], timeout: floa
             raise ServerError(f"model workers keep dying: {failure}; see {info.run_dir}/logs/model_log.log")
         if Path(info.key_file).is_file():
             keys = read_keys(Path(info.run_dir))
-            for name in list(pending):
-                status, body = http_get(f"{info.management_url}/models/{name}", keys["management"])
-                if status == 200:
-                    workers = json.loads(body)[0].get("workers", [])
-                    if any(w.get("status") == "READY" for w in workers):
-                        pending.remove(name)
+            pending = unready_models(info, keys["management"], pending)
             if not pending:
                 status, body = http_get(f"{info.inference_url}/ping", keys["inference"])
                 if status == 200:

@@ -1,0 +1,73 @@
+# syntax=docker/dockerfile:1
+# RobustDEQ Serve: TorchServe with the shipped robust DEQ archives, on a GPU or on the CPU.
+#
+#   docker build -t robustdeq-serve:0.1.0 .
+#   docker run -d --name robustdeq --gpus all -p 127.0.0.1:8080:8080 -p 127.0.0.1:8082:8082 robustdeq-serve:0.1.0
+#   docker exec robustdeq robustdeq predict /opt/robustdeq/serving/examples/ship.png --defense on
+#
+# Leave out --gpus on a host without an NVIDIA GPU: the same image then serves on the CPU.
+# Ports: 8080 inference API (token authorization on; the key file is /var/lib/robustdeq/key_file.json),
+# 8082 Prometheus metrics, 7070 gRPC inference. The management API (8081) and gRPC management
+# (7071) stay on the container's loopback: use them with `docker exec`.
+# Publish ports on 127.0.0.1 as above and put a TLS reverse proxy in front to expose the server.
+
+# CUDA 13.0 runtime, matching the pinned torch 2.14.1+cu130 wheels (they carry their own CUDA
+# libraries; the host needs an NVIDIA driver for CUDA 13 and the NVIDIA Container Toolkit).
+FROM nvidia/cuda:13.0.1-runtime-ubuntu22.04
+
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
+    ROBUSTDEQ_HOME=/opt/robustdeq \
+    ROBUSTDEQ_RUN_DIR=/var/lib/robustdeq \
+    ROBUSTDEQ_CACHE=/var/lib/robustdeq/cache
+
+# Python 3.11 (the version CI tests), Java 17 for TorchServe's frontend, and tini as PID 1 so
+# that `docker stop` (SIGTERM) reaches `robustdeq serve`, which stops TorchServe's process group.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends \
+        ca-certificates \
+        openjdk-17-jre-headless \
+        python3.11 \
+        python3.11-venv \
+        tini \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3.11 -m venv /opt/venv
+
+# The large pinned packages first, so that a code change does not download them again. These pins
+# are pyproject.toml's (tests/test_docker.py checks that they agree).
+RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" torch==2.14.1 torchvision==0.29.1 \
+    && pip install --no-cache-dir torchserve==0.12.0 torch-model-archiver==0.12.0
+
+# The library with the rest of its pinned dependencies (a regular install, not editable).
+COPY pyproject.toml README.md /tmp/src/
+COPY robustdeq /tmp/src/robustdeq
+RUN pip install --no-cache-dir /tmp/src && rm -rf /tmp/src
+
+# What `robustdeq serve` reads from $ROBUSTDEQ_HOME: the hardened config, the metric declarations,
+# the handler (to build new archives with `robustdeq archive`), the shipped archives, example images.
+COPY serving/config.properties serving/metrics.yaml /opt/robustdeq/serving/
+COPY serving/examples /opt/robustdeq/serving/examples
+COPY handlers /opt/robustdeq/handlers
+COPY model_store /opt/robustdeq/model_store
+
+RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin robustdeq \
+    && mkdir -p /var/lib/robustdeq \
+    && chown robustdeq:robustdeq /var/lib/robustdeq
+USER 10001:10001
+WORKDIR /var/lib/robustdeq
+
+EXPOSE 8080 8082 7070
+
+# /ping with the inference token, read from the key file at every check (keys change at each start).
+HEALTHCHECK --interval=30s --timeout=10s --start-period=180s --retries=3 \
+    CMD ["python", "-m", "robustdeq.serving.health", "--quiet"]
+
+ENTRYPOINT ["tini", "--"]
+CMD ["robustdeq", "serve", "--foreground", "--bind", "0.0.0.0"]
