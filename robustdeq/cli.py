@@ -143,6 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
         "'torchvision' (default: ../shared/data archive if present)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--plot",
+        default=None,
+        metavar="PNG",
+        help="draw the dynamics of --checkpoint on PGD-10 inputs with and without the defense into PNG "
+        "(the README's picture: robustdeq demo --checkpoint training/shipped/deq-tiny-trades-rs/model.pt "
+        "--n 256 --plot docs/img/dynamics.png)",
+    )
+    p.add_argument("--checkpoint", default=None, help="with --plot: a model.pt written by 'robustdeq train'")
     p.set_defaults(func=_demo)
 
     from .bench.cli import add_bench_parser

@@ -2,13 +2,16 @@
 
 Prints, per image, the prediction read from the last-but-one state, the prediction
 entropy at every state z[1..N] (paper 1, Eq. 6), the solver residuals, and what the
-entropy-reduction defense (Algorithm 1) changes.
+entropy-reduction defense (Algorithm 1) changes. With ``--plot`` it draws the README's
+picture instead: the dynamics of a trained checkpoint on PGD inputs, with and without
+Algorithm 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
@@ -23,6 +26,8 @@ def _row(values) -> str:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    if args.plot:
+        return plot_dynamics(args)
     torch.manual_seed(args.seed)
     model = create_model(args.model)
     print(f"model {args.model}: {model.num_parameters():,} parameters, solver {model.solver_name}, N = {model.n_steps}")
@@ -60,3 +65,88 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"accuracy on these {args.n} images: plain {acc:.2f}, defended (T_f={args.T_f}, R={args.R}) {acc_def:.2f}")
     print(f"mean final-state entropy: plain {H[:, -1].mean():.3f}, defended {H_def[:, -1].mean():.3f}")
     return 0
+
+
+def plot_dynamics(args: argparse.Namespace) -> int:
+    """The README's picture: a checkpoint's dynamics z[1..N] on ready-made PGD-10 inputs (eps 8/255),
+    plain and with Algorithm 1 (paper 1), beside the clean dynamics. Accuracy and entropy (Eq. 6)
+    are read at every state of the same solves; one image shows the three inputs."""
+    from .checkpoint import load_checkpoint
+    from .defense import entropy_reduction
+    from .evaluation.ready_made import ready_made_pgd
+
+    if not args.checkpoint:
+        raise ValueError("--plot needs --checkpoint (e.g. training/shipped/deq-tiny-trades-rs/model.pt)")
+    model = load_checkpoint(args.checkpoint).build_model()
+    test = load_cifar10("test", source=args.data, progress=False)
+    idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(args.seed))[: args.n]
+    x, y = test.float_images(idx), test.labels[idx]
+    print(f"{model.name}: PGD-10 on {args.n} test images, then Algorithm 1 (T_f={args.T_f}, R={args.R})...")
+    x_adv = ready_made_pgd(model, x, y, generator=torch.Generator().manual_seed(args.seed))
+    with torch.no_grad():
+        clean, attacked = model.trajectory(x), model.trajectory(x_adv)
+    defended = entropy_reduction(model, x_adv, T_f=args.T_f, R=args.R)
+    runs = {"clean": clean, "PGD": attacked, "PGD + Algorithm 1": defended.trajectory}
+    k = model.readout_index()
+    hit = [
+        i
+        for i in range(args.n)
+        if clean.predict(k)[i] == y[i] != attacked.predict(k)[i] and defended.trajectory.predict(k)[i] == y[i]
+    ]
+    example = hit[0] if hit else 0
+    out = _draw_dynamics(model, runs, y, k, example, x, x_adv, defended.x_defended, args)
+    acc = {name: float((t.predict(k) == y).float().mean()) for name, t in runs.items()}
+    print(f"accuracy at z[{k}]: " + ", ".join(f"{name} {100 * a:.1f}%" for name, a in acc.items()))
+    print(f"wrote {out}")
+    return 0
+
+
+def _draw_dynamics(model, runs, y, k, example, x, x_adv, x_def, args) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"clean": "tab:blue", "PGD": "tab:red", "PGD + Algorithm 1": "tab:green"}
+    steps = torch.arange(1, model.n_steps + 1)
+    fig = plt.figure(figsize=(13, 3.6))
+    grid = fig.add_gridspec(1, 4, width_ratios=[1.1, 1, 1, 1], wspace=0.35)
+    pics = grid[0].subgridspec(3, 1, hspace=0.45)
+    for row, (name, images) in enumerate((("clean", x), ("PGD", x_adv), ("PGD + Algorithm 1", x_def))):
+        ax = fig.add_subplot(pics[row])
+        ax.imshow(images[example].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+        label = CLASSES[int(runs[name].predict(k)[example])]
+        ax.set_title(f"{name}: {label}", fontsize=8, color=colors[name])
+        ax.axis("off")
+    panels = [fig.add_subplot(grid[i]) for i in (1, 2, 3)]
+    for name, traj in runs.items():
+        probs = torch.stack([traj.probabilities(t)[example, y[example]] for t in steps.tolist()])
+        acc = torch.stack([(traj.predict(t) == y).float().mean() for t in steps.tolist()])
+        panels[0].plot(steps, probs.detach(), "o-", color=colors[name], label=name, ms=3)
+        panels[1].plot(steps, 100 * acc, "o-", color=colors[name], label=name, ms=3)
+        panels[2].plot(steps, traj.entropies().mean(0).detach(), "o-", color=colors[name], label=name, ms=3)
+    titles = (
+        f"this image: p(true class = {CLASSES[int(y[example])]})",
+        f"accuracy at each state ({len(y)} images)",
+        "mean prediction entropy (Eq. 6)",
+    )
+    for ax, title in zip(panels, titles):
+        ax.axvline(k, color="grey", ls=":", lw=1)
+        for t in range(args.T_f, model.n_steps + 1, args.T_f):  # z[t] is recomputed from the updated input
+            ax.axvline(t - 0.5, color="tab:green", alpha=0.12, lw=6)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("solver state z[t]")
+        ax.set_xticks(steps.tolist())
+    panels[1].set_ylabel("%")
+    panels[0].legend(fontsize=7, loc="best")
+    fig.suptitle(
+        f"{model.name} on ready-made PGD-10 inputs (eps 8/255, not adaptive): readout state z[{k}] (dotted), "
+        f"Algorithm 1's input updates before z[{args.T_f}], z[{2 * args.T_f}], ... (green bands; T_f = {args.T_f}, "
+        f"R = {args.R})",
+        fontsize=10,
+    )
+    out = Path(args.plot)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return out
