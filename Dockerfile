@@ -4,6 +4,9 @@
 #   docker build -t robustdeq-serve:0.1.0 .
 #   docker run -d --name robustdeq --gpus all -p 127.0.0.1:8080:8080 -p 127.0.0.1:8082:8082 robustdeq-serve:0.1.0
 #   docker exec robustdeq robustdeq predict /opt/robustdeq/serving/examples/ship.png --defense on
+#   docker run --rm --gpus all --ipc=host -v "$PWD/runs:/var/lib/robustdeq/runs" robustdeq-serve:0.1.0 \
+#       torchrun --standalone --nproc_per_node 8 -m robustdeq train \
+#       --config /opt/robustdeq/training/configs/mdeq-large-trades-rs.yaml --data torchvision --out runs/mdeq-large
 #
 # Leave out --gpus on a host without an NVIDIA GPU: the same image then serves on the CPU.
 # Ports: 8080 inference API (token authorization on; the key file is /var/lib/robustdeq/key_file.json),
@@ -51,11 +54,13 @@ COPY robustdeq /tmp/src/robustdeq
 RUN pip install --no-cache-dir /tmp/src && rm -rf /tmp/src
 
 # What `robustdeq serve` reads from $ROBUSTDEQ_HOME: the hardened config, the metric declarations,
-# the handler (to build new archives with `robustdeq archive`), the shipped archives, example images.
+# the handler (to build new archives with `robustdeq archive`), the shipped archives, example images;
+# and the training recipes, so that the image also trains on GPUs (`torchrun ... -m robustdeq train`).
 COPY serving/config.properties serving/metrics.yaml /opt/robustdeq/serving/
 COPY serving/examples /opt/robustdeq/serving/examples
 COPY handlers /opt/robustdeq/handlers
 COPY model_store /opt/robustdeq/model_store
+COPY training/configs /opt/robustdeq/training/configs
 
 RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin robustdeq \
     && mkdir -p /var/lib/robustdeq \
