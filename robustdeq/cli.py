@@ -193,12 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="CIFAR-10 source (default: ../shared/data archive)")
     p.set_defaults(func=_export)
 
-    from .evaluation.cli import add_compare_parser, add_evaluate_parser
+    from .evaluation.cli import add_card_parser, add_compare_parser, add_evaluate_parser
     from .training.cli import add_train_parser
 
     add_train_parser(sub, _train)
     add_evaluate_parser(sub, _evaluate)
     add_compare_parser(sub, _compare)
+    add_card_parser(sub)
 
     from .serving.cli import add_serving_parsers
 

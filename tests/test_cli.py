@@ -104,3 +104,22 @@ def test_accuracy_command_reads_a_checkpoint(tmp_path, cifar_test):
     assert "deq-tiny at z[6] on 16 test images" in out.stdout
     bad = run_cli("accuracy", "--checkpoint", str(tmp_path / "missing.pt"))
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+
+
+def test_card_prints_the_trade_off_from_any_of_its_homes(tmp_path):
+    import re
+
+    shipped = ROOT / "training" / "shipped" / "deq-tiny-trades-rs"
+    homes = (ROOT / "model_store" / "deq-tiny.mar", shipped / "model.pt", shipped, shipped / "robustness_card.json")
+    outputs = [run_cli("card", str(p)).stdout for p in homes]
+    assert outputs[0] and all(out == outputs[0] for out in outputs)
+    rows = outputs[0].splitlines()[2:]
+    costs = [float(re.search(r" ([\d.]+)x ", row)[1]) for row in rows]
+    assert costs == sorted(costs) and rows[0].startswith("none") and len(rows) == 12
+    adaptive = next(row for row in rows if row.startswith("defense-T2-R10") and "adaptive" in row)
+    assert "40.8 [37.8, 43.9]" in adaptive and "20.3 [17.9, 22.9]" in adaptive and "27.4x" in adaptive
+    card = json.loads((shipped / "robustness_card.json").read_text())
+    del card["settings"][0]["robust"]
+    (tmp_path / "robustness_card.json").write_text(json.dumps(card))
+    proc = run_cli("card", str(tmp_path))
+    assert proc.returncode != 0 and "robustness card invalid" in proc.stderr

@@ -1,9 +1,11 @@
-"""Command-line front ends: ``robustdeq evaluate`` and ``robustdeq compare``."""
+"""Command-line front ends: ``robustdeq evaluate``, ``robustdeq compare`` and ``robustdeq card``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import zipfile
 from pathlib import Path
 
 from .suite import FAMILIES, EvalConfig
@@ -140,4 +142,72 @@ def run_compare(args: argparse.Namespace) -> int:
     b = load_results(args.results[1])
     name_a, name_b = Path(a["_path"]).parent.name or "A", Path(b["_path"]).parent.name or "B"
     print(format_comparison(compare_results(a, b, args.metric), name_a, name_b))
+    return 0
+
+
+def add_card_parser(sub) -> None:
+    p = sub.add_parser(
+        "card",
+        help="print a robustness card as a table: robust accuracy vs cost per T_f/R setting",
+        description="Print the robustness card that 'robustdeq evaluate' wrote and that an archive ships: for each "
+        "test-time setting its clean and robust accuracy (95%% Wilson interval), whether the robust figure comes "
+        "from adaptive attacks or from attacks transferred from the undefended model, and its cost relative to "
+        "plain inference, sorted by cost. Use it to choose T_f and R.",
+    )
+    p.add_argument(
+        "card",
+        help="robustness_card.json, a folder holding one (a checkpoint's or an evaluation's), a checkpoint file "
+        "(the card beside it) or a .mar archive",
+    )
+    p.add_argument("--json", action="store_true", help="print the card itself")
+    p.set_defaults(func=run_card)
+
+
+def read_card(path: Path) -> dict:
+    """The card from a JSON file, a folder, a checkpoint (its sibling) or a .mar archive; validated."""
+    from .report import validate_card
+
+    path = Path(path)
+    if path.suffix == ".mar":
+        with zipfile.ZipFile(path) as archive:
+            card = json.loads(archive.read("robustness_card.json"))
+    else:
+        if path.is_file() and path.suffix != ".json":
+            path = path.parent
+        if path.is_dir():
+            path = path / "robustness_card.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no robustness card at {path}; 'robustdeq evaluate' writes one")
+        card = json.loads(path.read_text())
+    validate_card(card)
+    return card
+
+
+def format_card(card: dict) -> str:
+    def pct(p) -> str:
+        if not p:
+            return "-"
+        low, high = p["ci95"]
+        return f"{100 * p['acc']:5.1f} [{100 * low:4.1f}, {100 * high:4.1f}]"
+
+    eps = card["threat_model"]["eps"] * 255
+    lines = [
+        f"{card['model']}: readout z[{card['early_state']}] of {card['n_steps']}, l_inf eps {eps:g}/255, "
+        f"n = {card['clean']['n']} test images",
+        f"{'setting':<16}{'T_f':>4}{'R':>4}  {'clean %':<20}{'robust %':<20}{'cost':>7}  robust figure from",
+    ]
+    for s in sorted(card["settings"], key=lambda s: (s["cost_vs_plain"], s["name"])):
+        clean = s.get("clean") or (card["clean"] if s["R"] == 0 else None)  # grid rows measured robustness only
+        kind = "adaptive attacks" if s["robust_kind"].startswith(("adaptive", "per-sample")) else "transfer only"
+        gate = f", gated above {s['threshold']:.2f} nats" if s.get("gated") else ""
+        lines.append(
+            f"{s['name']:<16}{s['T_f'] if s['T_f'] else '-':>4}{s['R']:>4}  {pct(clean):<20}"
+            f"{pct(s['robust']):<20}{s['cost_vs_plain']:6.1f}x  {kind}{gate}"
+        )
+    return "\n".join(lines)
+
+
+def run_card(args: argparse.Namespace) -> int:
+    card = read_card(Path(args.card))
+    print(json.dumps(card, indent=1) if args.json else format_card(card))
     return 0
