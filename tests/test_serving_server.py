@@ -196,6 +196,25 @@ def test_python_client_cli(server):
     assert proc.returncode == 1 and json.loads(proc.stdout)["reason"] == "option_out_of_bounds"
 
 
+def test_a_key_rotates_as_the_readme_says(server):
+    """The README's rotation call (curl -X POST .../token?type=... with the API key): TorchServe
+    rewrites the key file, the old key stops working and the new one works."""
+    import urllib.request
+
+    run_dir = Path(server.run_dir)
+    old = read_keys(run_dir)
+    req = urllib.request.Request(
+        server.management_url + "/token?type=management", method="POST",
+        headers={"Authorization": f"Bearer {old['api']}"},
+    )  # fmt: skip
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.status == 200
+    new = read_keys(run_dir)
+    assert new["management"] != old["management"] and new["inference"] == old["inference"]
+    assert http_get(server.management_url + "/models", old["management"])[0] >= 400
+    assert http_get(server.management_url + "/models", new["management"])[0] == 200
+
+
 def test_health_check(server, tmp_path):
     proc = robustdeq_cli("health", "--run-dir", server.run_dir)
     assert proc.returncode == 0 and "Healthy; 2 models ready" in proc.stdout, proc.stdout + proc.stderr

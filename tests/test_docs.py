@@ -1,0 +1,232 @@
+"""The README is executable documentation.
+
+- Blocks marked ``<!-- docs-test: run -->`` run as written, in order, in a scratch folder that
+  looks like a checkout (the repository's .venv, model store and serving files linked in):
+  ``make serve``, the curl and Python client calls, ``robustdeq card``, ``make stop``. A block
+  marked ``<!-- docs-test: output -->`` must equal the output of the block before it.
+- Every other command in the README (in ``bash`` blocks or inline code) must be matched by
+  ``COVERED`` to the test that exercises the same command here, or to ``.ci/run``. Commands
+  that need Docker, a cluster or GPUs map to the tests that check what can be checked without
+  them (tests/test_docker.py, tests/test_k8s.py, the 2-process torchrun test).
+- Links to files and anchors inside the README resolve.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from robustdeq.data import PROJECT_ROOT
+
+README = PROJECT_ROOT / "README.md"
+MARKER = re.compile(r"<!-- docs-test: (\w+) -->\n```(\w*)\n(.*?)```", re.S)
+COMMAND_PREFIXES = (
+    "make ",
+    "robustdeq ",
+    ".venv/bin/",
+    "docker ",
+    "torchrun ",
+    "curl ",
+    "bash ",
+    "kubectl ",
+    "pytest ",
+)
+
+DOCS = "tests/test_docs.py::test_quick_readme_blocks_run"
+CI = ".ci/run"
+RD = r"(\.venv/bin/)?robustdeq "
+DOCKER_TEST = "tests/test_docker.py::test_the_images_cmd_and_healthcheck_serve_from_the_copied_folders"
+# (pattern matched at the start of a command, where it is exercised); the first match wins
+COVERED = [
+    (r"make (serve|stop)\b", DOCS),
+    (r"make test\b", CI),
+    (r"make help\b", "tests/test_docs.py::test_make_help_lists_the_readme_targets"),
+    (RD + "demo --checkpoint", "tests/test_docs.py::test_the_readme_picture_is_reproducible"),
+    (r"make demo\b|" + RD + "demo\\b", "tests/test_cli.py::test_demo_runs_on_real_images"),
+    (r"make archives\b|" + RD + "archive\\b", "tests/test_serving.py::test_shipped_archives_rebuild_byte_for_byte"),
+    (r"make bench\b|" + RD + "bench\\b", "tests/test_cli.py::test_bench_writes_json_and_markdown"),
+    (
+        r"make loadtest\b|\.venv/bin/locust\b|" + RD + "loadtest\\b",
+        "tests/test_loadtest.py::test_smoke_run_end_to_end_has_no_failures_and_exact_counts",
+    ),
+    (r"make (train|evaluate)-shipped\b|bash training/", "tests/test_docs.py::test_shipped_scripts_call_real_recipes"),
+    (RD + "train\\b", "tests/test_training.py::test_tiny_run_learns_and_writes_a_safe_checkpoint"),
+    (r"torchrun\b", "tests/test_training.py::test_torchrun_two_process_gloo"),
+    (RD + "accuracy\\b", "tests/test_cli.py::test_accuracy_command_reads_a_checkpoint"),
+    (RD + "evaluate\\b", "tests/test_evaluation.py::test_evaluation_end_to_end"),
+    (RD + "compare\\b", "tests/test_evaluation.py::test_cli_compare_prints_mcnemar_table"),
+    (RD + "card\\b", "tests/test_cli.py::test_card_prints_the_trade_off_from_any_of_its_homes"),
+    (RD + "export\\b", "tests/test_serving.py::test_onnx_export_matches_pytorch_on_real_images"),
+    (RD + "serve --bind", DOCKER_TEST),
+    (RD + "(serve|stop|predict)\\b", "tests/test_serving_server.py::test_python_client_cli"),
+    (RD + "kserve-layout\\b", "tests/test_k8s.py"),
+    (RD + "--help", "tests/test_cli.py::test_help_explains_the_subcommands"),
+    (r"docker\b", DOCKER_TEST),
+    (r"kubectl\b", "tests/test_k8s.py"),
+    (r"curl -X POST \S+/token", "tests/test_serving_server.py::test_a_key_rotates_as_the_readme_says"),
+    (r"pytest -s (tests/\S+)", "the named test"),
+    (r"\.venv/bin/python$", DOCS),
+]
+
+
+def readme() -> str:
+    return README.read_text()
+
+
+def commands(text: str) -> list[str]:
+    """Commands of the ``bash`` blocks that are not run here, and inline code that starts like one."""
+    run_blocks = {m.start(3) for m in MARKER.finditer(text) if m[1] == "run"}
+    found = []
+    for m in re.finditer(r"```(\w*)\n(.*?)```", text, re.S):
+        if m[1] != "bash" or m.start(2) in run_blocks:
+            continue
+        for line in m[2].replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0].strip()
+            if line and not line.startswith("#"):
+                found.append(line)
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    found += [m[1] for m in re.finditer(r"`([^`\n]+)`", prose) if m[1].startswith(COMMAND_PREFIXES)]
+    return found
+
+
+def test_every_readme_command_is_exercised_somewhere():
+    text = readme()
+    missing, targets = [], set()
+    for command in commands(text):
+        match = next(((p, t) for p, t in COVERED if re.match(p, command)), None)
+        if match is None:
+            missing.append(command)
+            continue
+        targets.add(match[1] if match[1] != "the named test" else re.match(match[0], command)[1])
+    assert not missing, "README commands no test exercises (add one, or map it in COVERED):\n" + "\n".join(missing)
+    for target in targets:
+        if target == CI:
+            assert "make test" in (PROJECT_ROOT / ".ci" / "run").read_text()
+            continue
+        path, _, name = target.partition("::")
+        source = (PROJECT_ROOT / path).read_text()
+        assert not name or re.search(rf"^def {name}\(", source, re.M), f"{target} does not exist"
+    assert len([m for m in MARKER.finditer(text) if m[1] == "run"]) >= 3
+
+
+def test_readme_links_and_anchors_resolve():
+    text = readme()
+    anchors = set()
+    for heading in re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", text, flags=re.S), re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")  # GitHub's anchors
+        anchors.add(
+            next(f"{slug}-{i}" if i else slug for i in range(9) if (f"{slug}-{i}" if i else slug) not in anchors)
+        )
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if target.startswith("http"):
+            continue
+        if target.startswith("#"):
+            assert target[1:] in anchors, f"README link {target}: no such heading"
+        else:
+            assert (PROJECT_ROOT / target.split("#")[0]).exists(), f"README link {target}: no such file"
+
+
+def test_make_help_lists_the_readme_targets():
+    out = subprocess.run(["make", "-s", "help"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for target in set(re.findall(r"`make ([a-z-]+)`", readme())) - {"help"}:
+        assert f"make {target}" in out.stdout, f"make help does not list {target}"
+
+
+def _ports_free(ports=(8080, 8081, 8082, 7070, 7071)) -> bool:
+    for port in ports:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
+
+
+@pytest.fixture
+def checkout(tmp_path):
+    """A scratch folder that looks like a checkout: the installed .venv and the data folders are
+    linked, Makefile and pyproject.toml copied with their times (so make does not reinstall)."""
+    if shutil.which("java") is None:
+        pytest.skip("TorchServe needs Java 17")
+    if not (PROJECT_ROOT / ".venv" / "bin" / "robustdeq").exists():
+        pytest.skip("the README's commands use .venv (make setup)")
+    for name in (".venv", "model_store", "serving", "handlers", "training", "robustdeq", "loadtest"):
+        os.symlink(PROJECT_ROOT / name, tmp_path / name)
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy2(PROJECT_ROOT / name, tmp_path / name)
+    return tmp_path
+
+
+def test_quick_readme_blocks_run(checkout):
+    if not _ports_free():
+        pytest.skip("the README's commands use ports 8080-8082 and 7070-7071, which are taken (a `make serve`?)")
+    blocks = list(MARKER.finditer(readme()))
+    outputs = []
+    try:
+        for marker, lang, body in (m.groups() for m in blocks):
+            if marker == "output":
+                assert outputs and outputs[-1].strip() == body.strip(), "README output block differs from the command's"
+                continue
+            assert marker == "run" and lang in ("bash", "python"), (marker, lang)
+            cmd = ["bash", "-euo", "pipefail", "-c", body] if lang == "bash" else [str(checkout / ".venv/bin/python")]
+            proc = subprocess.run(cmd, input=body if lang == "python" else None, cwd=checkout, capture_output=True,
+                                  text=True, timeout=400)  # fmt: skip
+            assert proc.returncode == 0, f"README block failed:\n{body}\n--- stdout\n{proc.stdout}\n--- {proc.stderr}"
+            outputs.append(proc.stdout)
+    finally:
+        subprocess.run([sys.executable, "-m", "robustdeq", "stop", "--run-dir", str(checkout / ".serve")],
+                       capture_output=True, timeout=120)  # fmt: skip
+    first, python = outputs[0], outputs[1]
+    assert '"model": "deq-tiny"' in first and '"model": "deq-tiny-defended"' in first and '"error"' not in first
+    assert first.count("defense on (T_f=2, R=10)") == 10, first
+    assert python.startswith("200 ship") and "'acc': 0.203" in python, python
+
+
+def test_the_readme_picture_is_reproducible(checkout):
+    command = re.search(r"`(robustdeq demo --checkpoint [^`]+)`", readme())[1]
+    args = command.split()[1:]
+    proc = subprocess.run([str(checkout / ".venv/bin/robustdeq"), *args], cwd=checkout, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert (checkout / "docs" / "img" / "dynamics.png").stat().st_size > 10_000
+    figures = re.search(r"z\[5\] from ([\d.]+)% to ([\d.]+)%, and Algorithm 1\s+\(T_f = 2, R = 10\) brings it back to "
+                        r"([\d.]+)%", readme())  # fmt: skip
+    assert figures, "the caption's figures"
+    clean, pgd, defended = figures.groups()
+    assert f"clean {clean}%, PGD {pgd}%, PGD + Algorithm 1 {defended}%" in proc.stdout, proc.stdout
+
+
+def test_shipped_scripts_call_real_recipes(tmp_path):
+    """train_shipped.sh and evaluate_shipped.sh (hours) with a stub in place of robustdeq: every
+    command they would run names a recipe and a checkpoint that exist, and their outputs land."""
+    root = tmp_path / "repo"
+    shutil.copytree(PROJECT_ROOT / "training", root / "training", ignore=shutil.ignore_patterns("*.pt"))
+    stub = tmp_path / "robustdeq"
+    stub.write_text(
+        "#!/usr/bin/env bash\n"
+        'echo "$@" >> "$STUB_LOG"\n'
+        'out=""; prev=""; for a in "$@"; do [ "$prev" = "--out" ] && out=$a; prev=$a; done\n'
+        'if [ "$1" = evaluate ]; then mkdir -p "$out"; for f in results.json report.md plot.png robustness_card.json; '
+        'do echo "{}" > "$out/$f"; done; fi\n'
+    )
+    stub.chmod(0o755)
+    env = {**os.environ, "ROBUSTDEQ": str(stub), "RD": str(stub), "STUB_LOG": str(tmp_path / "log")}
+    for script in ("train_shipped.sh", "evaluate_shipped.sh"):
+        proc = subprocess.run(["bash", str(root / "training" / script)], env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+    calls = (tmp_path / "log").read_text().splitlines()
+    trains = [c for c in calls if c.startswith("train ")]
+    evaluations = [c for c in calls if c.startswith("evaluate ")]
+    assert len(trains) == 4 and len(evaluations) == 3 and any(c.startswith("compare ") for c in calls)
+    for call in trains:
+        assert (PROJECT_ROOT / re.search(r"--config (\S+)", call)[1]).is_file(), call
+    for call in evaluations:
+        assert (PROJECT_ROOT / re.search(r"--checkpoint (\S+)", call)[1]).is_file(), call
+    assert (root / "training" / "shipped" / "comparisons.md").is_file()
