@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .archive import DEFAULT_HANDLER, DEFAULT_STORE, LANE_DEFAULTS, LANES
 from .health import add_health_arguments, run_health
+from .kserve import add_kserve_parser
 from .options import DEFENSE_MODES
 from .runfolder import DEFAULT_RUN_DIR
 from .server import DEFAULT_MODELS, Ports
@@ -100,6 +101,8 @@ def add_serving_parsers(sub) -> None:
     )
     add_health_arguments(p)
     p.set_defaults(func=run_health)
+
+    add_kserve_parser(sub)
 
     p = sub.add_parser("stop", help="stop the server started by 'robustdeq serve'")
     p.add_argument("--run-dir", default=str(DEFAULT_RUN_DIR))

@@ -27,6 +27,7 @@ __all__ = [
     "read_keys",
     "http_get",
     "unready_models",
+    "parse_properties",
 ]
 
 
@@ -100,3 +101,14 @@ def unready_models(info: ServerInfo, management_key: str, models: Optional[List[
         if not any(w.get("status") == "READY" for w in workers):
             pending.append(name)
     return pending
+
+
+def parse_properties(text: str) -> Dict[str, str]:
+    """``key=value`` lines of a Java properties file such as TorchServe's config.properties."""
+    out = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", "!")) and "=" in line:
+            key, value = line.split("=", 1)
+            out[key.strip()] = value.strip()
+    return out

@@ -19,7 +19,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 from ..data import PROJECT_ROOT
 from ..runtime import find_executable
@@ -29,6 +29,7 @@ from .runfolder import (
     ServerError,
     ServerInfo,
     http_get,
+    parse_properties,
     read_keys,
     read_server_info,
     unready_models,
@@ -66,16 +67,6 @@ class Ports:
                 sock.close()
 
 
-def _properties(text: str) -> Dict[str, str]:
-    out = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith(("#", "!")) and "=" in line:
-            key, value = line.split("=", 1)
-            out[key.strip()] = value.strip()
-    return out
-
-
 def render_config(
     template: Path,
     store: Path,
@@ -108,7 +99,7 @@ def render_config(
         "disable_system_metrics": "false" if system_metrics else "true",
     }
     if java_tmpdir is not None:
-        overrides["vmargs"] = f"{_properties(text).get('vmargs', '')} -Djava.io.tmpdir={java_tmpdir}".strip()
+        overrides["vmargs"] = f"{parse_properties(text).get('vmargs', '')} -Djava.io.tmpdir={java_tmpdir}".strip()
     lines, seen = [], set()
     for line in text.splitlines():
         key = line.split("=", 1)[0].strip() if "=" in line and not line.lstrip().startswith("#") else None
