@@ -11,7 +11,9 @@ The model work (solve, early-state readout, Algorithm 1 of paper 1) is
   ``torch.inference_mode()``, which would forbid the defense's input gradients). A bad
   request gets its own 4xx JSON error; the rest of the batch is answered normally;
 * a ``describe`` call (management API ``GET /models/<name>?customized=true``) or a JSON
-  body ``{"describe": true}`` returns the model's defaults, bounds and robustness card.
+  body ``{"describe": true}`` returns the model's defaults, bounds and robustness card;
+* a KServe v1 body ``{"instances": [...]}`` (``/v1/models/<name>:predict``) is one request
+  with several inputs, answered ``{"predictions": [...]}``; a bad instance fails its request.
 """
 
 import json
@@ -22,7 +24,7 @@ from http import HTTPStatus
 import torch
 from ts.metrics.metric_type_enum import MetricTypes
 
-from robustdeq.serving.inputs import decode_request
+from robustdeq.serving.inputs import decode_request, split_instances
 from robustdeq.serving.metrics import METRICS, observations
 from robustdeq.serving.options import RequestError, parse_options
 
@@ -56,55 +58,81 @@ class RobustDEQHandler:
         start = time.perf_counter()
         engine = self.engine
         responses = [None] * len(data)
+        instances = {}  # request index -> number of KServe v1 instances
         accepted, rejected = [], []
+
+        def reject(idx, err):
+            rejected.append(err)
+            responses[idx] = err.to_dict()
+            context.set_response_status(err.status, HTTPStatus(err.status).phrase, idx)
+
         for idx, item in enumerate(data):
             try:
-                value, content_type = _payload(item, context, idx)
-                x, body = decode_request(value, content_type, engine.input_shape, engine.limits.max_image_side)
-                options = parse_options(
-                    body,
-                    context.get_all_request_header(idx),
-                    engine.limits,
-                    engine.n_steps,
-                    engine.default_state,
-                )
-                if x is None:
-                    responses[idx] = engine.describe()
-                    continue
-                engine.check(options)
-                accepted.append((idx, x, options))
+                inputs = self._inputs(item, context, idx)
             except RequestError as err:
-                rejected.append(err)
-                responses[idx] = err.to_dict()
-                context.set_response_status(err.status, HTTPStatus(err.status).phrase, idx)
-        answers = []
-        for idx, answer in self._answer(accepted) if accepted else []:
+                reject(idx, err)
+                continue
+            if inputs is None:
+                responses[idx] = engine.describe()
+                continue
+            kserve, inputs = inputs
+            if kserve:
+                instances[idx] = len(inputs)
+            accepted += [((idx, j), x, options) for j, (x, options) in enumerate(inputs)]
+        results = dict(self._answer(accepted)) if accepted else {}
+        for (idx, _), answer in results.items():
             if isinstance(answer, RequestError):
-                rejected.append(answer)
-                responses[idx] = answer.to_dict()
-                context.set_response_status(answer.status, HTTPStatus(answer.status).phrase, idx)
-            else:
-                answers.append(answer)
+                reject(idx, answer)
+            elif idx not in instances:
                 responses[idx] = answer
+        for idx, n in instances.items():
+            if responses[idx] is None:
+                responses[idx] = {"predictions": [results[(idx, j)] for j in range(n)]}
+        failed = {idx for (idx, _), answer in results.items() if isinstance(answer, RequestError)}
+        answers = [answer for (idx, _), answer in results.items() if idx not in failed]
         elapsed = time.perf_counter() - start
         for idx in range(len(data)):
             context.set_response_content_type(idx, "application/json")
         self._emit(observations(engine.name, answers, rejected, elapsed, len(data)))
         return [json.dumps(r) for r in responses]
 
+    def _inputs(self, item, context, idx):
+        """One request -> None (a describe call) or (is KServe v1, [(input, options)]); a bad
+        request (or a bad instance of it) raises RequestError."""
+        engine = self.engine
+        value, content_type = _payload(item, context, idx)
+        bodies = split_instances(value)
+        inputs = []
+        for j, body in enumerate([value] if bodies is None else bodies):
+            try:
+                x, body = decode_request(body, content_type, engine.input_shape, engine.limits.max_image_side)
+                headers = context.get_all_request_header(idx)
+                options = parse_options(body, headers, engine.limits, engine.n_steps, engine.default_state)
+                if x is None:
+                    if bodies is None:
+                        return None
+                    raise RequestError(400, "bad_json", "'describe' is not an instance")
+                engine.check(options)
+            except RequestError as err:
+                if bodies is not None:
+                    err.message = f"instances[{j}]: {err.message}"
+                raise
+            inputs.append((x, options))
+        return bodies is not None, inputs
+
     def _answer(self, accepted):
         """[(index, answer or RequestError)] for validated requests. A batch the model fails on
         is retried request by request, so one request that breaks it cannot fail the others."""
-        idxs, xs, opts = zip(*accepted)
+        keys, xs, opts = zip(*accepted)
         try:
             answers, _ = self.engine.predict(torch.stack(xs), list(opts))
-            return list(zip(idxs, answers))
+            return list(zip(keys, answers))
         except Exception:
             if len(accepted) > 1:
                 logger.warning("a batch of %d failed; answering its requests one by one", len(accepted))
                 return [pair for item in accepted for pair in self._answer([item])]
-            logger.exception("request %d failed in the model", idxs[0])
-            return [(idxs[0], RequestError(500, "internal_error", "the model failed on this request (see model log)"))]
+            logger.exception("request %s failed in the model", keys[0])
+            return [(keys[0], RequestError(500, "internal_error", "the model failed on this request (see model log)"))]
 
     def _emit(self, items):
         metrics = getattr(self.context, "metrics", None)

@@ -435,10 +435,10 @@ def test_the_kserve_config_serves_in_torchserve(tmp_path):
         encoded = json.dumps({"image": base64.b64encode(image).decode()}).encode()
         status, v1 = _post(f"{base}/v1/models/deq-tiny:predict", encoded, "application/json")
         assert status == 200 and v1["label"] == answer["label"], v1
-        # KServe v1's {"instances": [...]} reaches the handler unchanged, as one request: not accepted
-        instances = json.dumps({"instances": [{"image": base64.b64encode(image).decode()}]}).encode()
-        status, refused = _post(f"{base}/v1/models/deq-tiny:predict", instances, "application/json")
-        assert status == 400 and refused["reason"] == "bad_json", refused
+        # KServe v1's {"instances": [...]} reaches the handler unchanged, as one request with two inputs
+        instances = json.dumps({"instances": [{"data": base64.b64encode(image).decode()}] * 2}).encode()
+        status, v1 = _post(f"{base}/v1/models/deq-tiny:predict", instances, "application/json")
+        assert status == 200 and [p["label"] for p in v1["predictions"]] == [answer["label"]] * 2, v1
         status, text = http_get(metrics + "/metrics")
         assert status == 200
         assert re.search(r'robustdeq_requests_total\{ModelName="deq-tiny",Mode="off"', text.decode()), text[:500]

@@ -361,6 +361,31 @@ def test_handler_answers_a_mixed_batch_and_rejects_only_the_bad_items(worker, ci
     assert "robustdeq_defended_requests_total.Count:1.0|#ModelName:deq-tiny-defended,Mode:on" in emitted
 
 
+def test_kserve_v1_instances_are_one_request_with_several_inputs(worker, cifar_test):
+    """{"instances": [...]} (KServe v1): answered {"predictions": [...]} in order, each instance with
+    its own options; a bad instance fails its whole request and names the instance; the other
+    requests of the batch are unaffected."""
+    images = [png_bytes(cifar_test.images[i].permute(1, 2, 0).numpy()) for i in (3531, 17, 42)]
+    encoded = [base64.b64encode(im).decode() for im in images]
+    batch = [
+        make_request("a", {"instances": [{"data": encoded[0]}, encoded[1], {"image": encoded[2], "R": 2}], "R": 5},
+                     "application/json"),
+        make_request("b", images[0], "image/png", {"X-R": "5"}),
+        make_request("c", {"instances": [{"image": encoded[0]}, {"image": encoded[1], "R": 500}]}, "application/json"),
+        make_request("d", {"instances": []}, "application/json"),
+        make_request("e", {"instances": [encoded[0]] * 65}, "application/json"),
+    ]  # fmt: skip
+    results = worker.handle(batch)
+    assert [status for status, _ in results] == [200, 200, 400, 400, 413]
+    predictions = results[0][1]["predictions"]
+    assert [p["defense"]["R"] for p in predictions] == [5, 5, 2]
+    alone = [worker.handle([make_request("x", im, "image/png", {"X-R": "5"})])[0][1] for im in images[:2]]
+    assert [p["label"] for p in predictions[:2]] == [a["label"] for a in alone]
+    assert predictions[0]["label"] == results[1][1]["label"]
+    assert results[2][1]["reason"] == "option_out_of_bounds" and results[2][1]["error"].startswith("instances[1]: ")
+    assert results[3][1]["reason"] == "bad_json" and results[4][1]["reason"] == "too_many_instances"
+
+
 # ---- the ONNX fast path of the plain lane ------------------------------------------------------
 def test_onnx_export_matches_pytorch_on_real_images(tmp_path, cifar_test):
     from robustdeq.export import OnnxPlainSession, PlainForward, export_onnx, parity

@@ -18,7 +18,7 @@ import base64
 import binascii
 import io
 import warnings
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -126,3 +126,35 @@ def decode_request(
     if value is None:
         raise RequestError(400, "empty_body", "the request carries no image (empty body)")
     return decode_image(bytes(value), shape, max_side), {}
+
+
+MAX_INSTANCES = 64
+
+
+def split_instances(value: Any, max_instances: int = MAX_INSTANCES) -> Optional[List[Dict[str, Any]]]:
+    """The inputs of a KServe v1 body ``{"instances": [...]}``, each as a JSON request body; None
+    for any other payload.
+
+    An instance is a base64 image string, or an object with ``image`` (KServe's TorchServe
+    examples call it ``data``) or ``array`` and any request options. Keys beside ``instances``
+    are options shared by every instance; an instance's own keys win.
+    """
+    if not isinstance(value, Mapping) or "instances" not in value:
+        return None
+    instances = value["instances"]
+    if not isinstance(instances, list) or not instances:
+        raise RequestError(400, "bad_json", "'instances' must be a non-empty list")
+    if len(instances) > max_instances:
+        raise RequestError(413, "too_many_instances", f"{len(instances)} instances; at most {max_instances} a request")
+    shared = {k: v for k, v in value.items() if k != "instances"}
+    bodies = []
+    for j, instance in enumerate(instances):
+        if isinstance(instance, str):
+            instance = {"image": instance}
+        if not isinstance(instance, Mapping):
+            raise RequestError(400, "bad_json", f"instances[{j}] must be a base64 string or an object")
+        body = {**shared, **instance}
+        if "data" in body and "image" not in body:
+            body["image"] = body.pop("data")
+        bodies.append(body)
+    return bodies
