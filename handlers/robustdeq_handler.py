@@ -102,11 +102,11 @@ class RobustDEQHandler:
         engine = self.engine
         value, content_type = _payload(item, context, idx)
         bodies = split_instances(value)
+        headers = context.get_all_request_header(idx)
         inputs = []
         for j, body in enumerate([value] if bodies is None else bodies):
             try:
                 x, body = decode_request(body, content_type, engine.input_shape, engine.limits.max_image_side)
-                headers = context.get_all_request_header(idx)
                 options = parse_options(body, headers, engine.limits, engine.n_steps, engine.default_state)
                 if x is None:
                     if bodies is None:

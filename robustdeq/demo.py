@@ -88,14 +88,11 @@ def plot_dynamics(args: argparse.Namespace) -> int:
     defended = entropy_reduction(model, x_adv, T_f=args.T_f, R=args.R)
     runs = {"clean": clean, "PGD": attacked, "PGD + Algorithm 1": defended.trajectory}
     k = model.readout_index()
-    hit = [
-        i
-        for i in range(args.n)
-        if clean.predict(k)[i] == y[i] != attacked.predict(k)[i] and defended.trajectory.predict(k)[i] == y[i]
-    ]
-    example = hit[0] if hit else 0
+    correct = {name: t.predict(k) == y for name, t in runs.items()}
+    rescued = correct["clean"] & ~correct["PGD"] & correct["PGD + Algorithm 1"]
+    example = int(rescued.nonzero()[0]) if bool(rescued.any()) else 0
     out = _draw_dynamics(model, runs, y, k, example, x, x_adv, defended.x_defended, args)
-    acc = {name: float((t.predict(k) == y).float().mean()) for name, t in runs.items()}
+    acc = {name: float(c.float().mean()) for name, c in correct.items()}
     print(f"accuracy at z[{k}]: " + ", ".join(f"{name} {100 * a:.1f}%" for name, a in acc.items()))
     print(f"wrote {out}")
     return 0

@@ -50,3 +50,14 @@ def sample_value(families, name, suffix="", **labels):
             if suffix or not s.name.endswith(("_bucket", "_count", "_sum", "_created")):
                 total += s.value
     return total
+
+
+def entropy_extremes(reference, cifar_test, n: int = 200, seed: int = 3):
+    """The highest- and lowest-entropy test images (uint8 CHW) among ``n`` seeded ones: on either
+    side of the gate threshold, so that ``defense=gated`` runs on the first and not on the second."""
+    model, gate = reference
+    idx = torch.randperm(len(cifar_test), generator=torch.Generator().manual_seed(seed))[:n]
+    with torch.no_grad():
+        entropy = model.trajectory(cifar_test.images[idx].float() / 255).entropy(gate["state"])
+    assert float(entropy.max()) > gate["threshold"] > float(entropy.min())
+    return cifar_test.images[idx[entropy.argmax()]], cifar_test.images[idx[entropy.argmin()]]

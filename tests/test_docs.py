@@ -16,13 +16,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 
 import pytest
 
 from robustdeq.data import PROJECT_ROOT
+from robustdeq.serving.runfolder import ServerError
+from robustdeq.serving.server import Ports, _ports_free
 
 README = PROJECT_ROOT / "README.md"
 MARKER = re.compile(r"<!-- docs-test: (\w+) -->\n```(\w*)\n(.*?)```", re.S)
@@ -139,13 +140,11 @@ def test_make_help_lists_the_readme_targets():
         assert f"make {target}" in out.stdout, f"make help does not list {target}"
 
 
-def _ports_free(ports=(8080, 8081, 8082, 7070, 7071)) -> bool:
-    for port in ports:
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                return False
+def _default_ports_free() -> bool:
+    try:
+        _ports_free(Ports())
+    except ServerError:
+        return False
     return True
 
 
@@ -165,7 +164,7 @@ def checkout(tmp_path):
 
 
 def test_quick_readme_blocks_run(checkout):
-    if not _ports_free():
+    if not _default_ports_free():
         pytest.skip("the README's commands use ports 8080-8082 and 7070-7071, which are taken (a `make serve`?)")
     blocks = list(MARKER.finditer(readme()))
     outputs = []

@@ -17,7 +17,6 @@ from typing import Dict, FrozenSet, Iterator, List, Tuple
 
 import promql_parser as pq
 import pytest
-import torch
 import yaml
 
 from robustdeq.data import PROJECT_ROOT
@@ -25,7 +24,7 @@ from robustdeq.serving.dashboard import PROMETHEUS_TARGET_LABELS, build_dashboar
 from robustdeq.serving.metrics import METRICS
 from robustdeq.serving.runfolder import http_get, read_keys
 
-from .serving_helpers import png, scrape
+from .serving_helpers import entropy_extremes, png, scrape
 
 GRAFANA = PROJECT_ROOT / "serving" / "grafana"
 DASHBOARD = build_dashboard()
@@ -227,16 +226,6 @@ def test_the_prometheus_config_scrapes_the_metrics_port():
 # --- against a running server ----------------------------------------------------------------------------------
 
 
-def _entropy_extremes(reference, cifar_test, n=200):
-    """The highest- and lowest-entropy test images among ``n``: on either side of the gate threshold."""
-    model, gate = reference
-    idx = torch.randperm(len(cifar_test), generator=torch.Generator().manual_seed(3))[:n]
-    with torch.no_grad():
-        entropy = model.trajectory(cifar_test.images[idx].float() / 255).entropy(gate["state"])
-    assert float(entropy.max()) > gate["threshold"] > float(entropy.min())
-    return cifar_test.images[idx[entropy.argmax()]], cifar_test.images[idx[entropy.argmin()]]
-
-
 def _put(url: str, token: str) -> None:
     request = urllib.request.Request(url, method="PUT", headers={"Authorization": f"Bearer {token}"})
     with urllib.request.urlopen(request, timeout=120) as response:
@@ -262,7 +251,7 @@ def _status_without_workers(server, client, image: bytes, model: str = "deq-tiny
 def exported(server, client, reference, cifar_test) -> Exported:
     """Sample names and label sets on the metrics port after plain, defended, gated (above and
     below the threshold), malformed and no-worker requests: every series then exists."""
-    high, low = _entropy_extremes(reference, cifar_test)
+    high, low = entropy_extremes(reference, cifar_test)
     for image, defense, ran in ((high, "off", False), (high, "on", True), (high, "gated", True), (low, "gated", False)):
         status, answer = client.predict("deq-tiny", png(image), "image/png", defense=defense)
         assert status == 200 and answer["defense"]["ran"] == ran, (defense, status, answer)

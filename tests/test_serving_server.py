@@ -25,7 +25,7 @@ from robustdeq.serving.client import Client
 from robustdeq.serving.metrics import METRICS
 from robustdeq.serving.runfolder import http_get, read_keys
 
-from .serving_helpers import family, png, robustdeq_cli, sample_value, scrape
+from .serving_helpers import entropy_extremes, family, png, robustdeq_cli, sample_value, scrape
 
 pytestmark = pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java 17")
 
@@ -120,16 +120,9 @@ def test_bad_inputs_get_4xx_while_concurrent_good_requests_succeed(server, clien
 
 
 def test_every_declared_metric_is_exported(server, client, reference, cifar_test):
-    model, gate = reference
-    idx = torch.randperm(len(cifar_test), generator=torch.Generator().manual_seed(2))[:300]
-    with torch.no_grad():
-        entropy = model.trajectory(cifar_test.images[idx].float() / 255).entropy(gate["state"])
-    high, low = idx[int(entropy.argmax())], idx[int(entropy.argmin())]
-    assert float(entropy.max()) > gate["threshold"] > float(entropy.min())
-    assert client.predict("deq-tiny", png(cifar_test.images[high]), "image/png", defense="gated")[1]["defense"]["ran"]
-    assert not client.predict("deq-tiny", png(cifar_test.images[low]), "image/png", defense="gated")[1]["defense"][
-        "ran"
-    ]
+    high, low = entropy_extremes(reference, cifar_test, n=300, seed=2)
+    assert client.predict("deq-tiny", png(high), "image/png", defense="gated")[1]["defense"]["ran"]
+    assert not client.predict("deq-tiny", png(low), "image/png", defense="gated")[1]["defense"]["ran"]
     assert client.predict("deq-tiny", b"junk", "image/png")[0] == 400
     families = scrape(server)
     for metric in METRICS:

@@ -12,7 +12,7 @@ from .health import add_health_arguments, run_health
 from .kserve import add_kserve_parser
 from .options import DEFENSE_MODES
 from .runfolder import DEFAULT_RUN_DIR
-from .server import DEFAULT_MODELS, Ports
+from .server import DEFAULT_MODELS, LOOPBACK, Ports
 
 
 def add_serving_parsers(sub) -> None:
@@ -74,9 +74,17 @@ def add_serving_parsers(sub) -> None:
         default=str(DEFAULT_RUN_DIR),
         help="run folder: config, tokens, logs (default: $ROBUSTDEQ_RUN_DIR or .serve)",
     )
-    for name, default in (("inference", 8080), ("management", 8081), ("metrics", 8082)):
+    ports = Ports()
+    for name in ("inference", "management", "metrics"):
+        default = getattr(ports, name)
         p.add_argument(f"--{name}-port", type=int, default=default, help=f"{name} port (default {default})")
-    p.add_argument("--grpc-ports", type=int, nargs=2, default=(7070, 7071), metavar=("INFER", "MANAGE"))
+    p.add_argument(
+        "--grpc-ports",
+        type=int,
+        nargs=2,
+        default=(ports.grpc_inference, ports.grpc_management),
+        metavar=("INFER", "MANAGE"),
+    )
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the workers (default 300)")
     p.add_argument(
         "--foreground",
@@ -85,7 +93,7 @@ def add_serving_parsers(sub) -> None:
     )
     p.add_argument(
         "--bind",
-        default="127.0.0.1",
+        default=LOOPBACK,
         metavar="HOST",
         help="address of the inference and metrics listeners (default 127.0.0.1; 0.0.0.0 only inside a container "
         "whose ports you publish). The management API always stays on 127.0.0.1",
@@ -94,10 +102,10 @@ def add_serving_parsers(sub) -> None:
 
     p = sub.add_parser(
         "health",
-        help="exit 0 when the server answers /ping (the Docker HEALTHCHECK)",
-        description="Read the address and the inference token from the run folder, call /ping, exit 0 when it "
-        "answers Healthy and 1 otherwise (with the reason). 'python -m robustdeq.serving.health' is the same check "
-        "without importing torch.",
+        help="exit 0 when the server answers /ping and every model is loaded (the Docker HEALTHCHECK)",
+        description="Read the address and the keys from the run folder (or --ts-config), call /ping and ask the "
+        "management API for a READY worker per model; exit 0 when both hold and 1 otherwise (with the reason). "
+        "'python -m robustdeq.serving.health' is the same check without importing torch.",
     )
     add_health_arguments(p)
     p.set_defaults(func=run_health)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import sys
 import zipfile
@@ -43,6 +42,7 @@ from .server import (
     LOOPBACK,
     Ports,
     ServerError,
+    allowed_urls,
     registrations_for,
 )
 
@@ -151,7 +151,6 @@ def model_snapshot(store: Path, registrations: Sequence[str]) -> Dict[str, Any]:
 def _kserve_overrides(root: str, ports: Ports, host: str, snapshot: Dict[str, Any]) -> Dict[str, Optional[str]]:
     """Property values that differ from the hardened template (None: leave the key out)."""
     store = str(PurePosixPath(root) / "model-store")
-    escaped = re.escape(store).replace("\\", "\\\\")  # as render_config: a Java regex inside a .properties value
     return {
         "inference_address": f"http://{host}:{ports.inference}",
         "management_address": f"http://{LOOPBACK}:{ports.management}",
@@ -163,7 +162,7 @@ def _kserve_overrides(root: str, ports: Ports, host: str, snapshot: Dict[str, An
         "disable_token_authorization": "true",
         "token_expiration_min": None,
         "model_store": store,
-        "allowed_urls": f"^file://{escaped}/[^/]+\\\\.mar$",
+        "allowed_urls": allowed_urls(store),
         "load_models": None,
         "metrics_config": str(PurePosixPath(root) / "config" / "metrics.yaml"),
         "disable_system_metrics": "true",

@@ -67,6 +67,12 @@ class Ports:
                 sock.close()
 
 
+def allowed_urls(store: str) -> str:
+    """TorchServe's ``allowed_urls``: only ``.mar`` files directly inside ``store`` (a Java regex,
+    escaped once more for the .properties value)."""
+    return "^file://" + re.escape(store).replace("\\", "\\\\") + "/[^/]+\\\\.mar$"
+
+
 def render_config(
     template: Path,
     store: Path,
@@ -93,7 +99,7 @@ def render_config(
         "grpc_inference_port": str(ports.grpc_inference),
         "grpc_management_port": str(ports.grpc_management),
         "model_store": str(store),
-        "allowed_urls": "^file://" + re.escape(str(store)).replace("\\", "\\\\") + "/[^/]+\\\\.mar$",
+        "allowed_urls": allowed_urls(str(store)),
         "load_models": ",".join(f"{r}.mar" for r in registrations),
         "metrics_config": str(Path(metrics_config).resolve()),
         "disable_system_metrics": "false" if system_metrics else "true",
