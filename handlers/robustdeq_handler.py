@@ -24,7 +24,7 @@ from http import HTTPStatus
 import torch
 from ts.metrics.metric_type_enum import MetricTypes
 
-from robustdeq.serving.inputs import decode_request, split_instances
+from robustdeq.serving.inputs import decode_request, read_body, split_instances
 from robustdeq.serving.metrics import METRICS, observations
 from robustdeq.serving.options import RequestError, parse_options
 
@@ -72,6 +72,10 @@ class RobustDEQHandler:
             except RequestError as err:
                 reject(idx, err)
                 continue
+            except Exception:  # a payload the decoder did not foresee is still the client's
+                logger.exception("request %d could not be decoded", idx)
+                reject(idx, RequestError(400, "undecodable_request", "the request could not be decoded"))
+                continue
             if inputs is None:
                 responses[idx] = engine.describe()
                 continue
@@ -101,12 +105,15 @@ class RobustDEQHandler:
         request (or a bad instance of it) raises RequestError."""
         engine = self.engine
         value, content_type = _payload(item, context, idx)
+        value = read_body(value, content_type)
         bodies = split_instances(value)
         headers = context.get_all_request_header(idx)
         inputs = []
         for j, body in enumerate([value] if bodies is None else bodies):
             try:
-                x, body = decode_request(body, content_type, engine.input_shape, engine.limits.max_image_side)
+                x, body = decode_request(
+                    body, content_type, engine.input_shape, engine.limits.max_image_side, engine.limits.max_image_pixels
+                )
                 options = parse_options(body, headers, engine.limits, engine.n_steps, engine.default_state)
                 if x is None:
                     if bodies is None:

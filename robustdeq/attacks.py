@@ -21,6 +21,7 @@ LossFn = Callable[[Tensor], Tensor]
 
 __all__ = [
     "pgd_linf",
+    "single_step_linf",
     "project_linf",
     "random_like",
     "ifgsm_steps",
@@ -79,6 +80,38 @@ def pgd_linf(
             (grad,) = torch.autograd.grad(loss.sum(), x_adv)
         x_adv = project_linf(x_adv.detach() + step_size * grad.sign(), x, eps)
     return x_adv.detach()
+
+
+def single_step_linf(
+    loss_fn: LossFn,
+    x: Tensor,
+    eps: float,
+    step_size: float,
+    noise: float,
+    project: bool,
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """One signed-gradient step from uniform noise in [-noise, noise] around x.
+
+    * FGSM with random start (Wong et al. 2020): ``noise = eps``, ``step_size = 1.25 eps``,
+      ``project = True`` (the result is projected back to the eps-ball);
+    * N-FGSM (de Jorge et al. 2022): ``noise = 2 eps``, ``step_size = eps``,
+      ``project = False`` (only clipped to [0, 1]; the perturbation may reach 3 eps).
+
+    Both are training attacks: they cost one forward-backward instead of PGD's ``steps``.
+    """
+    if eps < 0 or step_size < 0 or noise < 0:
+        raise ValueError("eps, step_size and noise must be non-negative")
+    x = x.detach()
+    start = (x + (2 * random_like(x, generator, "uniform") - 1) * noise).clamp(0.0, 1.0)
+    with torch.enable_grad():
+        start = start.requires_grad_(True)
+        loss = loss_fn(start)
+        if loss.shape != x.shape[:1]:
+            raise ValueError(f"the attack loss must be one value per sample, got shape {tuple(loss.shape)}")
+        (grad,) = torch.autograd.grad(loss.sum(), start)
+    x_adv = start.detach() + step_size * grad.sign()
+    return (project_linf(x_adv, x, eps) if project else x_adv.clamp(0.0, 1.0)).detach()
 
 
 def ifgsm_steps(eps: float) -> int:

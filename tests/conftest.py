@@ -95,3 +95,13 @@ def reference():
     model = load_checkpoint(SHIPPED / "model.pt").build_model()
     card = json.loads((SHIPPED / "robustness_card.json").read_text())
     return model, gate_from_card(card)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print the fuzz counts (inputs tried, answers by status, worst decode time)."""
+    from .test_hostile_inputs import FUZZ_REPORTS
+
+    if FUZZ_REPORTS:
+        terminalreporter.section("hostile-input fuzzing")
+        for where, report in FUZZ_REPORTS:
+            terminalreporter.write_line(f"{where}: {report.summary()}")

@@ -45,6 +45,13 @@ def add_evaluate_parser(sub, func) -> None:
     p.add_argument("--out", required=True, help="output folder (resumes if it holds the same evaluation)")
     p.add_argument("--n", type=int, default=1000, help="test images, a fixed seeded subset (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="subset and attack seed (default 0)")
+    p.add_argument(
+        "--split",
+        choices=("test", "val"),
+        default="test",
+        help="draw the images from the test set (default) or from the checkpoint's validation split "
+        "(for choosing between recipes or checkpoints without touching the test set)",
+    )
     p.add_argument("--eps", default="8/255", help="l_inf radius (default 8/255)")
     p.add_argument("--steps", type=int, default=10, help="PGD steps of the white-box attacks (default 10)")
     p.add_argument("--attacks", nargs="+", default=list(FAMILIES), metavar="FAMILY",
@@ -87,6 +94,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     config = EvalConfig(
         n=args.n,
         seed=args.seed,
+        split=args.split,
         eps=eps,
         step_size=eps / 4,
         steps=args.steps,

@@ -15,6 +15,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from .suite import Evaluator
 
 CARD_SCHEMA_ID = "robustdeq.robustness_card/1"
+#: how each evaluation split is described in the results
+SPLIT_NAMES = {
+    "test": "CIFAR-10 test, seeded shuffle",
+    "val": "validation split of the checkpoint's training run, seeded shuffle",
+}
 CARD_SCHEMA_PATH = Path(__file__).with_name("robustness_card.schema.json")
 
 __all__ = ["assemble_results", "write_outputs", "robustness_card", "validate_card", "CARD_SCHEMA_PATH"]
@@ -78,7 +83,7 @@ def assemble_results(ev: "Evaluator") -> dict:
         "n_steps": ev.N,
         "early_state": ev.k,
         "device": str(ev.device),
-        "subset": {"n": ev.n, "seed": ev.config.seed, "id": ev.subset_id, "split": "CIFAR-10 test, seeded shuffle"},
+        "subset": {"n": ev.n, "seed": ev.config.seed, "id": ev.subset_id, "split": SPLIT_NAMES[ev.config.split]},
         "config": ev.config.to_dict(),
         "seconds": round(sum(j.get("seconds", 0.0) for j in jobs.values()), 1),
         "clean": {k: v for k, v in clean.items() if k not in ("correct", "margin", "entropy_final", "entropy_readout")},
@@ -220,7 +225,7 @@ def markdown_report(r: dict, plots: Dict[str, str]) -> str:
     add = L.append
     add(f"# Robustness evaluation: {r['model']} ({Path(r['checkpoint']).parent.name or r['checkpoint']})\n")
     add(
-        f"{r['subset']['n']} CIFAR-10 test images (seeded subset `{r['subset']['id']}`), l_inf eps = "
+        f"{r['subset']['n']} images of the {r['subset']['split']} (seeded subset `{r['subset']['id']}`), l_inf eps = "
         f"{r['config']['eps'] * 255:g}/255, early state z[{r['early_state']}] of N = {r['n_steps']}; "
         f"{r['date']}, {r['device']}, {r['seconds'] / 60:.1f} min of attack time. "
         "Accuracies in % with Wilson 95% intervals.\n"

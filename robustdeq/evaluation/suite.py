@@ -73,6 +73,7 @@ class EvalConfig:
 
     n: int = 1000
     seed: int = 0
+    split: str = "test"  # test | val (the checkpoint's own validation split: for model selection)
     eps: float = 8 / 255
     step_size: float = 2 / 255
     steps: int = 10
@@ -101,6 +102,8 @@ class EvalConfig:
         unknown = [f for f in self.families if f not in FAMILIES]
         if unknown:
             raise ValueError(f"unknown attack families {unknown}; choose from {', '.join(FAMILIES)}")
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
         if self.n < 1 or self.batch_size < 1:
             raise ValueError("n and batch_size must be >= 1")
         if not 0.0 < self.eps <= 1.0:
@@ -113,6 +116,10 @@ class EvalConfig:
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
+
+
+#: the image pools an evaluation can draw its subset from
+SPLITS = ("test", "val")
 
 
 def evaluation_subset(split, n: int, seed: int) -> Tuple[Tensor, Tensor, Tensor]:
@@ -173,12 +180,14 @@ class Evaluator:
         self.k = self.model.readout_index()
         self.N = self.model.n_steps
         self.data_arg = data
-        test = load_cifar10("test", data, progress=progress)
-        self.indices, images, labels = evaluation_subset(test, self.config.n, self.config.seed)
+        pool = (
+            load_cifar10("test", data, progress=progress) if self.config.split == "test" else self._validation_split()
+        )
+        self.indices, images, labels = evaluation_subset(pool, self.config.n, self.config.seed)
         self.x = images.float().div(255.0)
         self.y = labels.clone()
         self.n = len(self.y)
-        self.subset_id = hashlib.sha256(test.fingerprint.encode() + self.indices.numpy().tobytes()).hexdigest()[:16]
+        self.subset_id = hashlib.sha256(pool.fingerprint.encode() + self.indices.numpy().tobytes()).hexdigest()[:16]
         self.defenses = [DefenseSetting.parse(s) for s in self.config.defenses]
         self.defenses = [d for d in self.defenses if not d.is_plain]
         self.out = Path(out_dir)
@@ -358,11 +367,7 @@ class Evaluator:
 
     def _choose_gate(self) -> dict:
         """Gate threshold: the ``gate_quantile`` of clean validation entropy at the gate state."""
-        from ..data import load_cifar10, train_val_split
-
-        full = load_cifar10("train", self.data_arg, progress=self.progress)
-        self.ckpt.check_dataset(full.fingerprint)
-        _, val, _ = train_val_split(full, int(self.ckpt.data["val_size"]), int(self.ckpt.data["split_seed"]))
+        val = self._validation_split()
         n = min(self.config.val_n, len(val))
         xv = val.images[:n].float().div(255.0)
         gate = self._gate_state()
@@ -382,6 +387,16 @@ class Evaluator:
             "val_n": n,
             "split": "validation split of the checkpoint's training run",
         }
+
+    def _validation_split(self):
+        """The held-out validation split of the checkpoint's training run (never the test set)."""
+        from ..data import load_cifar10, train_val_split
+
+        if not getattr(self, "_val", None):
+            full = load_cifar10("train", self.data_arg, progress=self.progress)
+            self.ckpt.check_dataset(full.fingerprint)
+            _, self._val, _ = train_val_split(full, int(self.ckpt.data["val_size"]), int(self.ckpt.data["split_seed"]))
+        return self._val
 
     def _gate_state(self) -> int:
         """The gate reads the entropy at the early state unless a setting names another."""
@@ -849,7 +864,8 @@ def _without_families(identity: Optional[dict]) -> Optional[dict]:
     evaluation runs just the new jobs (each job is named and seeded on its own)."""
     if not identity:
         return identity
-    return {**identity, "config": {k: v for k, v in identity["config"].items() if k != "families"}}
+    config = {"split": "test", **identity["config"]}  # evaluations from before --split were on the test set
+    return {**identity, "config": {k: v for k, v in config.items() if k != "families"}}
 
 
 def _ce(logits: Tensor, y: Tensor) -> Tensor:

@@ -6,12 +6,14 @@ from typing import Any, Dict, List
 
 from .base import DEQModel
 from .deq import SingleScaleDEQ
+from .explicit import ExplicitResNet
 from .lyadeq import LyaDEQ
 from .mdeq import MDEQ
 
 __all__ = [
     "DEQModel",
     "SingleScaleDEQ",
+    "ExplicitResNet",
     "MDEQ",
     "LyaDEQ",
     "MODEL_PRESETS",
@@ -36,6 +38,26 @@ MODEL_PRESETS: Dict[str, tuple] = {
             n_steps=8,
         ),
         "single-scale conv DEQ, 48x8x8 state, Broyden N=8: the CPU configuration",
+    ),
+    "deq-small": (
+        SingleScaleDEQ,
+        dict(
+            channels=96,
+            stem_channels=48,
+            downsample=2,
+            expansion=1,
+            num_groups=8,
+            wnorm=False,
+            solver="broyden",
+            solver_kwargs={"m": 8},
+            n_steps=8,
+        ),
+        "single-scale conv DEQ, 96x8x8 state, Broyden N=8: the larger CPU configuration",
+    ),
+    "resnet20": (
+        ExplicitResNet,
+        dict(widths=(16, 32, 64), blocks=3),
+        "explicit ResNet-20 (He et al. 2016), 0.27M parameters, in the DEQ interface (N = 1)",
     ),
     "mdeq-small": (
         MDEQ,

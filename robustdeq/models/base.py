@@ -30,6 +30,8 @@ class DEQModel(nn.Module):
     onnx_export_blocker: Optional[str] = None
     num_classes: int = 10
     input_shape = (3, 32, 32)
+    #: True for an explicit network wrapped in this interface (f ignores z; see models/explicit.py)
+    explicit: bool = False
 
     def __init__(
         self,

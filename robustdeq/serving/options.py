@@ -75,7 +75,8 @@ class Limits:
     max_R: int = HARD_MAX_R
     max_eps: float = HARD_MAX_EPS
     max_beta: float = HARD_MAX_BETA
-    max_image_side: int = 4096
+    max_image_side: int = 4096  # inputs.MAX_IMAGE_SIDE
+    max_image_pixels: int = 4096 * 4096  # inputs.MAX_IMAGE_PIXELS: bounds a worker's decode memory
     torch_threads: int = 1
 
     @classmethod
@@ -110,6 +111,8 @@ class Limits:
             raise ValueError("the default T_f / R / eps lie outside the bounds")
         if not 0 <= self.beta <= self.max_beta or not 1 <= self.top_k <= HARD_MAX_TOP_K:
             raise ValueError("the default beta / top_k lie outside the bounds")
+        if not (1 <= self.max_image_side <= 4096 and 1 <= self.max_image_pixels <= 4096 * 4096):
+            raise ValueError("max_image_side / max_image_pixels exceed the hard bounds (4096 a side, 4096x4096)")
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)

@@ -213,6 +213,8 @@ def start_server(
         "LOG_LOCATION": str(run_dir / "logs"),
         "METRICS_LOCATION": str(run_dir / "logs"),
         "TS_DISABLE_TOKEN_AUTHORIZATION": "false",
+        # forward JSON bodies undecoded: the handler parses them strictly (robustdeq.serving.inputs)
+        "TS_DECODE_INPUT_REQUEST": "false",
     }
     env.pop("TS_CONFIG_FILE", None)
     try:

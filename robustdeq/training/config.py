@@ -29,9 +29,15 @@ __all__ = [
     "apply_overrides",
     "config_diff",
     "OBJECTIVES",
+    "ATTACKS",
+    "OPTIMIZERS",
+    "SCHEDULES",
 ]
 
 OBJECTIVES = ("clean", "pgd_at", "trades")
+ATTACKS = ("pgd", "fgsm_rs", "nfgsm")
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("cosine", "constant", "onecycle")
 
 
 @dataclass
@@ -52,13 +58,18 @@ class DataSection:
 
 @dataclass
 class OptimSection:
-    lr: float = 1e-3
+    name: str = "adam"  # adam | sgd (SGD with momentum, Nesterov by default)
+    lr: float = 1e-3  # the peak learning rate
     weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = True  # sgd only
     batch_size: int = 96  # global batch (split across DDP processes)
     epochs: int = 210
-    schedule: str = "cosine"  # cosine | constant
+    schedule: str = "cosine"  # cosine | constant | onecycle (linear up to the peak, then linear down to 0)
+    onecycle_peak: float = 0.4  # onecycle: the fraction of the run at which the learning rate peaks
     warmup_steps: int = 0
     grad_clip: Optional[float] = None
+    ema_decay: Optional[float] = None  # exponential moving average of the weights (validated and shipped)
 
 
 @dataclass
@@ -85,10 +96,12 @@ class ObjectiveSection:
 class AttackSection:
     """The inner maximisation of PGD-AT / TRADES (made in eval mode)."""
 
+    kind: str = "pgd"  # pgd | fgsm_rs (Wong et al. 2020) | nfgsm (de Jorge et al. 2022)
     eps: float = 8 / 255
-    step_size: float = 2 / 255
-    steps: int = 10
-    random_start: bool = True
+    step_size: float = 2 / 255  # fgsm_rs: 1.25 eps is usual; nfgsm: eps
+    steps: int = 10  # pgd only
+    random_start: bool = True  # pgd only (the single-step attacks always start from noise)
+    noise: float = 2.0  # single-step attacks: uniform start noise in +-noise*eps (nfgsm: 2; fgsm_rs: 1)
 
 
 @dataclass
@@ -101,6 +114,9 @@ class ValidationSection:
     eps: float = 8 / 255
     selection_n: int = 1000  # validation images for choosing the early state (0 = keep the preset)
     batch_size: int = 250
+    # catastrophic overfitting (single-step attacks): validation PGD accuracy this far below the best epoch's
+    collapse_drop: float = 0.10
+    on_collapse: str = "stop"  # stop (finish from the best epoch's weights) | warn
 
 
 @dataclass
@@ -140,10 +156,27 @@ class TrainConfig:
         problems: List[str] = []
         if self.model.name not in MODEL_PRESETS:
             problems.append(f"model.name {self.model.name!r} is not registered ({', '.join(sorted(MODEL_PRESETS))})")
+        elif MODEL_PRESETS[self.model.name][0].explicit and self.objective.jacobian_weight > 0:
+            problems.append(
+                f"objective.jacobian_weight must be 0 for the explicit network {self.model.name!r} (its f ignores z)"
+            )
         if self.objective.kind not in OBJECTIVES:
             problems.append(f"objective.kind must be one of {', '.join(OBJECTIVES)}, got {self.objective.kind!r}")
-        if self.optim.schedule not in ("cosine", "constant"):
-            problems.append(f"optim.schedule must be 'cosine' or 'constant', got {self.optim.schedule!r}")
+        choices = {
+            "optim.name": (self.optim.name, OPTIMIZERS),
+            "optim.schedule": (self.optim.schedule, SCHEDULES),
+            "attack.kind": (self.attack.kind, ATTACKS),
+            "validation.on_collapse": (self.validation.on_collapse, ("stop", "warn")),
+        }
+        problems += [
+            f"{k} must be one of {', '.join(options)}, got {v!r}"
+            for k, (v, options) in choices.items()
+            if v not in options
+        ]
+        if not 0 < self.optim.onecycle_peak < 1:
+            problems.append(f"optim.onecycle_peak must be in (0, 1), got {self.optim.onecycle_peak}")
+        if self.optim.ema_decay is not None and not 0 < self.optim.ema_decay < 1:
+            problems.append(f"optim.ema_decay must be in (0, 1), got {self.optim.ema_decay}")
         positive = {
             "optim.lr": self.optim.lr,
             "optim.batch_size": self.optim.batch_size,
@@ -160,6 +193,9 @@ class TrainConfig:
             "attack.eps": self.attack.eps,
             "attack.step_size": self.attack.step_size,
             "attack.steps": self.attack.steps,
+            "attack.noise": self.attack.noise,
+            "optim.momentum": self.optim.momentum,
+            "validation.collapse_drop": self.validation.collapse_drop,
             "objective.unroll": self.objective.unroll,
             "objective.trades_beta": self.objective.trades_beta,
             "objective.jacobian_weight": self.objective.jacobian_weight,

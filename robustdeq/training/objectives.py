@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..attacks import pgd_linf, random_like
+from ..attacks import LossFn, pgd_linf, random_like, single_step_linf
 from ..dynamics import phantom_forward, unrolled_forward
 from .blocks import draw_intermediate_step, jacobian_regularizer
 from .config import AttackSection, ObjectiveSection
@@ -26,7 +26,7 @@ from .config import AttackSection, ObjectiveSection
 if TYPE_CHECKING:  # pragma: no cover
     from ..models.base import DEQModel
 
-__all__ = ["StepInputs", "Objective", "ObjectiveModule", "trades_kl", "training_step"]
+__all__ = ["StepInputs", "Objective", "ObjectiveModule", "trades_kl", "training_step", "inner_maximisation"]
 
 
 @dataclass
@@ -47,6 +47,26 @@ def trades_kl(logits_adv: Tensor, logits_clean: Tensor) -> Tensor:
     """Per-sample KL(p(x) || p(x_adv)), the TRADES robustness term."""
     log_p_adv, log_p_clean = F.log_softmax(logits_adv, 1), F.log_softmax(logits_clean, 1)
     return F.kl_div(log_p_adv, log_p_clean, reduction="none", log_target=True).sum(1)
+
+
+def inner_maximisation(
+    loss_fn: LossFn, x: Tensor, attack: AttackSection, generator: torch.Generator, x_init: Optional[Tensor] = None
+) -> Tensor:
+    """The training attack of ``attack.kind``: PGD (from ``x_init`` when given, else the
+    uniform random start), FGSM with random start, or N-FGSM (see :func:`single_step_linf`)."""
+    if attack.kind == "pgd":
+        return pgd_linf(
+            loss_fn, x, attack.eps, attack.step_size, attack.steps, attack.random_start, generator, x_init=x_init
+        )
+    return single_step_linf(
+        loss_fn,
+        x,
+        attack.eps,
+        attack.step_size,
+        noise=attack.noise * attack.eps,
+        project=attack.kind == "fgsm_rs",
+        generator=generator,
+    )
 
 
 class Objective:
@@ -96,9 +116,7 @@ class Objective:
                     out = phantom_forward(model, xa, attack_depth(), cfg.unroll, cfg.tau)
                     return F.cross_entropy(out.logits, y, reduction="none")
 
-                inputs.x_adv = pgd_linf(
-                    loss_fn, x, atk.eps, atk.step_size, atk.steps, atk.random_start, generator=generator
-                )
+                inputs.x_adv = inner_maximisation(loss_fn, x, atk, generator)
             else:  # trades: maximise KL(p(x) || p(x_adv)) from x + 0.001 N(0, I)
                 with torch.no_grad():
                     clean_logits = phantom_forward(model, x, depth, cfg.unroll, cfg.tau).logits
@@ -108,9 +126,7 @@ class Objective:
                     return trades_kl(out.logits, clean_logits)
 
                 start = x + 0.001 * random_like(x, generator, "normal") if atk.random_start else x
-                inputs.x_adv = pgd_linf(
-                    loss_fn, x, atk.eps, atk.step_size, atk.steps, generator=generator, x_init=start
-                )
+                inputs.x_adv = inner_maximisation(loss_fn, x, atk, generator, x_init=start)
         finally:
             model.train(was_training)
         return inputs

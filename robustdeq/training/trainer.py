@@ -39,6 +39,7 @@ from ..evaluation import choose_early_state, state_accuracies
 from ..models import create_model
 from .config import TrainConfig, config_diff
 from .objectives import Objective, ObjectiveModule, training_step
+from .optim import WeightEMA, build_optimizer, learning_rate
 
 __all__ = ["Trainer", "TrainResult", "RESUMABLE_CHANGES"]
 
@@ -156,8 +157,12 @@ class Trainer:
         self.model = create_model(cfg.model.name, **cfg.model.overrides).to(self.device)
         self.objective = Objective(cfg.objective, cfg.attack, cfg.pretrain.depth)
         self.module = ObjectiveModule(self.model, self.objective)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        self.optimizer = build_optimizer(cfg.optim, self.model.parameters())
+        self.ema = WeightEMA(self.model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
+        self.best: Dict[str, Any] = {}  # the epoch with the best validation PGD accuracy
+        self.collapses: List[Dict[str, Any]] = []  # catastrophic-overfitting events seen
         self.step = 0
+        self.wall_s = 0.0  # training wall-clock so far, across resumed chunks (the CPU-hours axis)
         self.records: List[dict] = []
         self._resume()
         self.ddp = self.module
@@ -176,13 +181,12 @@ class Trainer:
 
     # ---- schedule ------------------------------------------------------------------------
     def learning_rate(self, step: int) -> float:
-        o = self.cfg.optim
-        if o.warmup_steps and step < o.warmup_steps:
-            return o.lr * (step + 1) / o.warmup_steps
-        if o.schedule == "constant":
-            return o.lr
-        t = (step - o.warmup_steps) / max(1, self.total_steps - o.warmup_steps)
-        return 0.5 * o.lr * (1 + math.cos(math.pi * min(1.0, t)))
+        return learning_rate(self.cfg.optim, step, self.total_steps)
+
+    @property
+    def eval_model(self):
+        """The weights that are validated and shipped: the EMA when there is one."""
+        return self.ema.model if self.ema is not None else self.model
 
     # ---- resume --------------------------------------------------------------------------
     def _resume(self) -> None:
@@ -210,6 +214,13 @@ class Trainer:
         self.model.load_state_dict(ckpt.state_dict)
         self.optimizer.load_state_dict(ckpt.training_state["optimizer"])
         self.step = int(ckpt.training_state["step"])
+        self.wall_s = float(ckpt.training_state.get("wall_s", 0.0))
+        self.best = dict(ckpt.training_state.get("best", {}))
+        self.collapses = list(ckpt.training_state.get("collapses", []))
+        if self.ema is not None:
+            if "ema" not in ckpt.training_state:
+                raise CheckpointError(f"{path} holds no weight average but optim.ema_decay is set")
+            self.ema.load_state_dict(ckpt.training_state["ema"])
         log = self.out_dir / "log.jsonl"
         if log.is_file():
             kept = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
@@ -220,23 +231,37 @@ class Trainer:
             print(f"resuming {self.cfg.name} from {path} at step {self.step}/{self.total_steps}")
 
     def _training_state(self) -> Dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "step": self.step, "total_steps": self.total_steps}
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "wall_s": self._wall_now(),
+            "best": self.best,
+            "collapses": self.collapses,
+            **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
+        }
+
+    def _wall_now(self) -> float:
+        """Training wall-clock seconds: earlier chunks plus this call so far."""
+        started = getattr(self, "_call_started", None)
+        return self.wall_s + (time.monotonic() - started if started is not None else 0.0)
 
     def _sync_buffers(self) -> None:
         """Give every process rank 0's BatchNorm statistics before evaluating or saving."""
         if self.dist.world_size > 1:
             import torch.distributed as dist
 
-            for buf in self.model.buffers():
+            for buf in self.eval_model.buffers():
                 dist.broadcast(buf, 0)
 
     def _checkpoint(self, path: Path, with_state: bool, val_metrics=None, early_state=None, config=None) -> None:
         if not self.dist.main:
             return
+        weights = self.model if with_state else self.eval_model  # last.pt resumes the raw weights
         ckpt = Checkpoint(
             model_name=self.cfg.model.name,
-            model_config=config or self.model.config(),
-            state_dict={k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            model_config=config or weights.config(),
+            state_dict={k: v.detach().cpu() for k, v in weights.state_dict().items()},
             recipe=self.cfg.to_dict(),
             val_metrics=val_metrics or {},
             early_state=early_state or {},
@@ -248,6 +273,7 @@ class Trainer:
 
     # ---- logging -------------------------------------------------------------------------
     def _log(self, record: dict) -> None:
+        record["wall_s"] = round(self._wall_now(), 2)
         self.records.append(record)
         if not self.dist.main:
             return
@@ -275,7 +301,7 @@ class Trainer:
         v = self.cfg.validation
         self._sync_buffers()
         return state_accuracies(
-            self.model,
+            self.eval_model,
             self.val.images,
             self.val.labels,
             n_clean,
@@ -306,7 +332,7 @@ class Trainer:
 
     def run(self, max_steps: Optional[int] = None, time_limit_s: Optional[float] = None) -> TrainResult:
         cfg = self.cfg
-        started = time.monotonic()
+        started = self._call_started = time.monotonic()
         old_handlers = {}
         if self.dist.main:
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -362,6 +388,8 @@ class Trainer:
                         use_jacobian=self.step % cfg.objective.jacobian_every == 0,
                         grad_clip=cfg.optim.grad_clip,
                     )
+                    if self.ema is not None:
+                        self.ema.update(self.model)
                     if not math.isfinite(stats["loss"]):
                         raise FloatingPointError(
                             f"training loss became {stats['loss']} at step {self.step}; "
@@ -391,6 +419,10 @@ class Trainer:
                     bar.close()
                 if self.step % self.steps_per_epoch == 0:
                     self._end_epoch(epoch)
+            if self._stop_reason == "collapse":
+                self.dist.barrier()  # rank 0 wrote best.pt
+                self._restore_best()
+                return self._finish()
             completed = self.step >= self.total_steps
             if not completed:
                 self._checkpoint(self.out_dir / "last.pt", with_state=True)
@@ -437,13 +469,13 @@ class Trainer:
         rec: Dict[str, Any] = {"type": "epoch", "epoch": epoch + 1, "step": self.step}
         if (epoch + 1) % v.every == 0 or self.step >= self.total_steps:
             acc = self.validate(v.n_clean, v.n_robust, desc=f"validating epoch {epoch + 1}")
-            k = self.model.readout_state
+            k = self.eval_model.readout_state
             rec.update(
                 val_clean_acc=acc.clean(k),
                 val_pgd_acc=acc.robust(k) if acc.robust_n else None,
                 val_clean_acc_final=acc.clean(-1),
                 val_pgd_acc_final=acc.robust(-1) if acc.robust_n else None,
-                readout_state=self.model.readout_index(),
+                readout_state=self.eval_model.readout_index(),
                 **acc.to_dict(),
             )
             if self.dist.main and self.progress:
@@ -451,8 +483,45 @@ class Trainer:
                 print(f"epoch {epoch + 1}: validation clean {100 * rec['val_clean_acc']:.1f}%{pgd}")
             if self.metrics is not None:
                 self.metrics.update({"val_clean": rec["val_clean_acc"], "val_pgd": rec["val_pgd_acc"]})
+            if acc.robust_n:
+                self._watch_collapse(rec)
         self._log(rec)
         self._checkpoint(self.out_dir / "last.pt", with_state=True)
+
+    def _watch_collapse(self, rec: Dict[str, Any]) -> None:
+        """Keep ``best.pt`` (the best validation PGD epoch) and detect catastrophic
+        overfitting: validation PGD accuracy ``validation.collapse_drop`` below the best.
+        With ``on_collapse: stop`` the run ends from the best epoch's weights."""
+        v, pgd = self.cfg.validation, rec["val_pgd_acc"]
+        if not self.best or pgd >= self.best["val_pgd_acc"]:
+            self.best = {
+                "epoch": rec["epoch"],
+                "step": rec["step"],
+                "val_pgd_acc": pgd,
+                "val_clean_acc": rec["val_clean_acc"],
+            }
+            self._checkpoint(self.out_dir / "best.pt", with_state=False)
+            return
+        drop = self.best["val_pgd_acc"] - pgd
+        if drop < v.collapse_drop:
+            return
+        event = {
+            "epoch": rec["epoch"],
+            "step": rec["step"],
+            "val_pgd_acc": pgd,
+            "best": dict(self.best),
+            "action": v.on_collapse,
+        }
+        self.collapses.append(event)
+        rec["collapse"] = True
+        if self.dist.main:
+            print(
+                f"catastrophic overfitting at epoch {rec['epoch']}: validation PGD {100 * pgd:.1f}% against "
+                f"{100 * self.best['val_pgd_acc']:.1f}% at epoch {self.best['epoch']}"
+                + ("; stopping from the best epoch's weights" if v.on_collapse == "stop" else "")
+            )
+        if v.on_collapse == "stop":
+            self._stop_reason = "collapse"
 
     def _check_replicas(self) -> Optional[bool]:
         """Under DDP, confirm that every process ends with identical weights."""
@@ -469,11 +538,15 @@ class Trainer:
             raise RuntimeError(f"DDP replicas diverged: parameter checksums {[float(g) for g in gathered]}")
         return same
 
+    def _restore_best(self) -> None:
+        best = load_checkpoint(self.out_dir / "best.pt", map_location=self.device)
+        self.eval_model.load_state_dict(best.state_dict)
+
     def _finish(self) -> TrainResult:
         """Choose the early state on the validation split and write ``model.pt``."""
         v = self.cfg.validation
         replicas_identical = self._check_replicas()
-        config = self.model.config()
+        config = self.eval_model.config()
         early: Dict[str, Any] = {"index": None, "method": "preset readout (selection disabled)"}
         val_metrics: Dict[str, Any] = {}
         if v.selection_n > 0:
@@ -496,8 +569,8 @@ class Trainer:
                 "state": k,
                 "attack": f"ready-made PGD-{v.pgd_steps}, eps {v.eps:.5f}, step {v.pgd_step_size:.5f}",
             }
-            self.model.readout_state = k
-            self.model._config = config
+            self.eval_model.readout_state = k
+            self.eval_model._config = config
         path = self.out_dir / "model.pt"
         self._checkpoint(path, with_state=False, val_metrics=val_metrics, early_state=early, config=config)
         self._checkpoint(self.out_dir / "last.pt", with_state=True, val_metrics=val_metrics, early_state=early)
@@ -510,6 +583,11 @@ class Trainer:
                 "early_state": early.get("index"),
                 "world_size": self.dist.world_size,
                 "ddp_replicas_identical": replicas_identical,
+                "wall_s": round(self._wall_now(), 1),
+                "threads": torch.get_num_threads(),
+                "best_epoch": self.best or None,
+                "collapses": self.collapses,
+                "stopped_early": self._stop_reason == "collapse",
                 "train_samples_per_s_median": _median(
                     [r["samples_per_s"] for r in self.records if r["type"] == "step" and r.get("phase") == "train"]
                 ),

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The training-budget study (docs/training-budget.md): short pilots at about equal wall-clock
+# (~20-25 min each on 2 cores; epochs set from each recipe's measured samples/s), one at a time, each with a complete learning-rate schedule.
+# Usage: bash training/budget_study.sh PILOT [PILOT ...]   (no argument: list the pilots)
+# Each pilot trains into training/budget/<pilot>/ and is then ranked on 500 validation images
+# by the worst of PGD-10 and APGD-CE at its readout state (robustdeq evaluate --split val).
+# The table and the plot: python -m robustdeq.training.budget training/budget --out docs
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROBUSTDEQ="${ROBUSTDEQ:-.venv/bin/robustdeq}"
+C=training/configs
+# shared by every pilot: 12k-sample epochs (a validation point every 12k samples), 150 clean pretraining steps
+COMMON=(--set data.epoch_size=12000 --set pretrain.steps=150 --set validation.selection_n=500 --set run.threads=2)
+declare -A PILOTS=(
+  # today's recipe: TRADES + Sec. 3.3, PGD-10 inner attack, Adam + cosine
+  [p1-tiny-trades-rs-pgd10]="$C/deq-tiny-trades-rs.yaml --set optim.epochs=5"
+  # the same with PGD-2 (step 4/255)
+  [p2-tiny-trades-rs-pgd2]="$C/deq-tiny-trades-rs.yaml --set optim.epochs=11 --set attack.steps=2 --set attack.step_size=4/255"
+  # PGD-AT + Sec. 3.3 with N-FGSM (one step of eps from +-2 eps noise, no projection)
+  [p3-tiny-pgdat-rs-nfgsm]="$C/deq-tiny-pgd-rs.yaml --set optim.epochs=12 --set attack.kind=nfgsm --set attack.step_size=8/255 --set attack.noise=2"
+  # P2's attack with SGD (Nesterov) + one-cycle learning rate + weight EMA
+  [p4-tiny-trades-rs-pgd2-sgd]="$C/deq-tiny-trades-rs.yaml --set optim.epochs=11 --set attack.steps=2 --set attack.step_size=4/255 --set optim.name=sgd --set optim.lr=0.05 --set optim.weight_decay=5e-4 --set optim.schedule=onecycle --set optim.ema_decay=0.999"
+)
+if [ $# -eq 0 ]; then
+  for p in "${!PILOTS[@]}"; do echo "$p: ${PILOTS[$p]}"; done | sort
+  exit 0
+fi
+for p in "$@"; do
+  [ -n "${PILOTS[$p]+x}" ] || { echo "unknown pilot $p; run without arguments for the list" >&2; exit 2; }
+  mkdir -p "training/budget/$p"
+  echo "robustdeq train --config ${PILOTS[$p]} ${COMMON[*]} --out training/budget/$p" > "training/budget/$p/command.txt"
+  # shellcheck disable=SC2086
+  "$ROBUSTDEQ" train --config ${PILOTS[$p]} "${COMMON[@]}" --out "training/budget/$p" --no-progress
+  "$ROBUSTDEQ" evaluate --checkpoint "training/budget/$p/model.pt" --split val --n 500 --attacks pgd apgd-ce \
+    --defense none --out "training/budget/$p/val-eval" --no-progress
+done
