@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The training-budget study (docs/training-budget.md): short pilots at about equal wall-clock
-# (~20-25 min each on 2 cores; epochs set from each recipe's measured samples/s), one at a time, each with a complete learning-rate schedule.
+# The training-budget study (docs/training-budget.md): short pilots at about equal cost (~20-25 min
+# each on 2 cores; epochs set from each recipe's measured samples/s), one at a time, each with a
+# complete learning-rate schedule.
 # Usage: bash training/budget_study.sh PILOT [PILOT ...]   (no argument: list the pilots)
 # Each pilot trains into training/budget/<pilot>/ and is then ranked on 500 validation images
 # by the worst of PGD-10 and APGD-CE at its readout state (robustdeq evaluate --split val).
@@ -19,6 +20,8 @@ declare -A PILOTS=(
   # PGD-AT + Sec. 3.3 with N-FGSM (one step of eps from +-2 eps noise, no projection)
   [p3-tiny-pgdat-rs-nfgsm]="$C/deq-tiny-pgd-rs.yaml --set optim.epochs=12 --set attack.kind=nfgsm --set attack.step_size=8/255 --set attack.noise=2"
   # P2's attack with SGD (Nesterov) + one-cycle learning rate + weight EMA
+  # the larger preset (0.23M parameters) with P2's recipe
+  [p5-small-trades-rs-pgd2]="$C/deq-tiny-trades-rs.yaml --set model.name=deq-small --set optim.epochs=3 --set attack.steps=2 --set attack.step_size=4/255"
   [p4-tiny-trades-rs-pgd2-sgd]="$C/deq-tiny-trades-rs.yaml --set optim.epochs=11 --set attack.steps=2 --set attack.step_size=4/255 --set optim.name=sgd --set optim.lr=0.05 --set optim.weight_decay=5e-4 --set optim.schedule=onecycle --set optim.ema_decay=0.999"
 )
 if [ $# -eq 0 ]; then

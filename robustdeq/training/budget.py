@@ -32,7 +32,7 @@ class Pilot:
     model: str
     recipe: str  # a one-line description of objective, attack and optimiser
     params: Optional[int]
-    cpu_hours: float  # wall-clock x threads of the training run (validation included)
+    cpu_hours: float  # CPU time of the training process, all threads (validation included)
     threads: int
     samples_per_s: Optional[float]  # median training throughput (adversarial phase)
     samples: int
@@ -65,6 +65,12 @@ def _describe(cfg: dict) -> str:
     return f"{obj}{atk}; {optim}"
 
 
+def _measured_cpu(folder: Path) -> Optional[float]:
+    """``cpu_seconds.txt``: the CPU time of a run measured from outside (``ps``), if any."""
+    path = folder / "cpu_seconds.txt"
+    return float(path.read_text().split()[0]) if path.is_file() else None
+
+
 def _parameter_count(path: Path) -> Optional[int]:
     if not path.is_file():
         return None
@@ -84,14 +90,21 @@ def read_pilot(folder: Path) -> Optional[Pilot]:
     records = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines() if line.strip()]
     threads = int(summary.get("threads") or cfg["run"].get("threads") or 1)
     epochs = [r for r in records if r["type"] == "epoch" and r.get("val_pgd_acc") is not None]
-    curve = [(r["wall_s"] * threads / 3600.0, r["val_clean_acc"], r["val_pgd_acc"]) for r in epochs if "wall_s" in r]
+    wall, cpu = float(summary.get("wall_s", 0.0)), summary.get("cpu_s") or _measured_cpu(folder)
+    # runs that predate the CPU clock in the log: epochs placed by wall-clock x the run's CPU / wall ratio
+    per_wall = (cpu / wall) if cpu and wall else threads
+    curve = [
+        ((r["cpu_s"] if "cpu_s" in r else r["wall_s"] * per_wall) / 3600.0, r["val_clean_acc"], r["val_pgd_acc"])
+        for r in epochs
+        if "wall_s" in r or "cpu_s" in r
+    ]
     steps = int(summary["steps"])
     pilot = Pilot(
         name=folder.name,
         model=cfg["model"]["name"],
         recipe=_describe(cfg),
         params=_parameter_count(folder / "model.pt"),
-        cpu_hours=float(summary.get("wall_s", 0.0)) * threads / 3600.0,
+        cpu_hours=(cpu if cpu else wall * threads) / 3600.0,
         threads=threads,
         samples_per_s=summary.get("train_samples_per_s_median"),
         samples=steps * int(cfg["optim"]["batch_size"]),
@@ -157,9 +170,9 @@ def plot_pilots(pilots: List[Pilot], path: Path) -> Path:
         ax_clean.plot(hours, [100 * c[1] for c in p.curve], marker="o", ms=3, color=line.get_color())
         if p.worst is not None:
             ax_rob.scatter([p.cpu_hours], [100 * p.worst], marker="*", s=120, color=line.get_color(), zorder=3)
-    ax_rob.set(xlabel="CPU-hours (wall-clock x threads)", ylabel="validation PGD-10 accuracy (%)")
+    ax_rob.set(xlabel="CPU-hours (process CPU time, all threads)", ylabel="validation PGD-10 accuracy (%)")
     ax_rob.set_title("robust accuracy per CPU-hour (stars: final worst of PGD-10 / APGD-CE)", fontsize=9)
-    ax_clean.set(xlabel="CPU-hours (wall-clock x threads)", ylabel="validation clean accuracy (%)")
+    ax_clean.set(xlabel="CPU-hours (process CPU time, all threads)", ylabel="validation clean accuracy (%)")
     for ax in (ax_rob, ax_clean):
         ax.grid(alpha=0.3)
     ax_rob.legend(fontsize=7)

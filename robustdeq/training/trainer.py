@@ -162,7 +162,8 @@ class Trainer:
         self.best: Dict[str, Any] = {}  # the epoch with the best validation PGD accuracy
         self.collapses: List[Dict[str, Any]] = []  # catastrophic-overfitting events seen
         self.step = 0
-        self.wall_s = 0.0  # training wall-clock so far, across resumed chunks (the CPU-hours axis)
+        self.wall_s = 0.0  # training wall-clock so far, across resumed chunks
+        self.cpu_s = 0.0  # CPU time of this process (all threads) so far: the CPU-hours axis
         self.records: List[dict] = []
         self._resume()
         self.ddp = self.module
@@ -215,6 +216,7 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt.training_state["optimizer"])
         self.step = int(ckpt.training_state["step"])
         self.wall_s = float(ckpt.training_state.get("wall_s", 0.0))
+        self.cpu_s = float(ckpt.training_state.get("cpu_s", 0.0))
         self.best = dict(ckpt.training_state.get("best", {}))
         self.collapses = list(ckpt.training_state.get("collapses", []))
         if self.ema is not None:
@@ -236,10 +238,17 @@ class Trainer:
             "step": self.step,
             "total_steps": self.total_steps,
             "wall_s": self._wall_now(),
+            "cpu_s": self._cpu_now(),
             "best": self.best,
             "collapses": self.collapses,
             **({"ema": self.ema.state_dict()} if self.ema is not None else {}),
         }
+
+    def _cpu_now(self) -> float:
+        """CPU seconds (user + system, every thread): earlier chunks plus this call so far.
+        Unlike wall-clock, it does not grow when another job shares the cores."""
+        started = getattr(self, "_call_cpu_started", None)
+        return self.cpu_s + (time.process_time() - started if started is not None else 0.0)
 
     def _wall_now(self) -> float:
         """Training wall-clock seconds: earlier chunks plus this call so far."""
@@ -274,6 +283,7 @@ class Trainer:
     # ---- logging -------------------------------------------------------------------------
     def _log(self, record: dict) -> None:
         record["wall_s"] = round(self._wall_now(), 2)
+        record["cpu_s"] = round(self._cpu_now(), 2)
         self.records.append(record)
         if not self.dist.main:
             return
@@ -333,6 +343,7 @@ class Trainer:
     def run(self, max_steps: Optional[int] = None, time_limit_s: Optional[float] = None) -> TrainResult:
         cfg = self.cfg
         started = self._call_started = time.monotonic()
+        self._call_cpu_started = time.process_time()
         old_handlers = {}
         if self.dist.main:
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -584,6 +595,7 @@ class Trainer:
                 "world_size": self.dist.world_size,
                 "ddp_replicas_identical": replicas_identical,
                 "wall_s": round(self._wall_now(), 1),
+                "cpu_s": round(self._cpu_now(), 1),
                 "threads": torch.get_num_threads(),
                 "best_epoch": self.best or None,
                 "collapses": self.collapses,
