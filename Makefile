@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup serve stop archives demo test lint format bench loadtest loadtest-batching train-shipped evaluate-shipped clean help
+.PHONY: setup serve stop archives demo test lint format bench gpu-check loadtest loadtest-batching train-shipped evaluate-shipped clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -42,6 +42,14 @@ format: setup  ## auto-format with ruff
 
 bench: setup  ## in-process speed benchmark (shipped deq-tiny: plain, ONNX, T_f x R grid, stages, gate, trials, training step)
 	$(VENV)/bin/robustdeq bench --trials --train --repeats 5 --out runs/bench/deq-tiny.json
+
+gpu-check: setup  ## everything a GPU must confirm, in one run (~3 min on a GPU; CPU machines: GPU parts skipped)
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+	  $(PY) -m pip install --quiet nvidia-ml-py || echo "nvidia-ml-py did not install: no GPU series on /metrics"; \
+	  $(PY) -m pip install --quiet --no-deps --target .cache/ort-gpu onnxruntime-gpu \
+	    || echo "onnxruntime-gpu did not install: the onnx section compares the CPU provider"; \
+	fi
+	PYTHONPATH="$$( [ -d .cache/ort-gpu ] && echo $$PWD/.cache/ort-gpu )" $(VENV)/bin/robustdeq gpu-check --out runs/gpu-check
 
 loadtest: setup  ## Locust against its own server: saturation, defended, isolation, 5-min soak (~12 min)
 	$(VENV)/bin/robustdeq loadtest --scenario full --out runs/loadtest/deq-tiny

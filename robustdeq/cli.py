@@ -28,6 +28,16 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def _gpu_check(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .bench.gpu_check import run_gpu_check
+
+    report = run_gpu_check(Path(args.out), args.sections, quick=args.quick)
+    print((Path(args.out) / "gpu-check.md").read_text())
+    return 0 if report["verdict"] == "pass" else 1
+
+
 def _bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
@@ -154,9 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help="with --plot: a model.pt written by 'robustdeq train'")
     p.set_defaults(func=_demo)
 
-    from .bench.cli import add_bench_parser
+    from .bench.cli import add_bench_parser, add_gpu_check_parser
 
     add_bench_parser(sub, _bench)
+    add_gpu_check_parser(sub, _gpu_check)
     p = sub.add_parser(
         "accuracy",
         help="clean and ready-made PGD-10 accuracy of a checkpoint (quick, non-adaptive)",

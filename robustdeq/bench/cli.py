@@ -100,3 +100,32 @@ def add_bench_parser(sub, func) -> argparse.ArgumentParser:
     )
     p.set_defaults(func=func)
     return p
+
+
+GPU_CHECK_EPILOG = """\
+sections: parity64 (solvers, dynamics and Algorithm 1 in float64, CUDA vs CPU), served32 (the served
+answer in float32, CUDA vs CPU), torchserve (a real TorchServe with number_of_gpu set: plain and
+defended answers, timing_ms, GPU series on /metrics), training (mdeq-large samples/s at batch 96,
+PGD-AT vs + Sec. 3.3, paper 1 Table 9), defense_cost (T_f = 2, R = 10 slowdown, paper 1 Table 10),
+onnx (ONNX Runtime's CUDA provider vs eager, when onnxruntime-gpu is importable).
+
+Without CUDA the GPU-only sections are skipped with the reason, and CPU stand-ins run (TorchServe
+on the CPU, deq-tiny throughput and defense cost, ONNX Runtime's CPU provider). Exit status 0 unless
+a section that ran failed. On a GPU machine: make gpu-check (about 3 minutes on one GPU)."""
+
+
+def add_gpu_check_parser(sub, func) -> argparse.ArgumentParser:
+    from .gpu_check import SECTIONS
+
+    p = sub.add_parser(
+        "gpu-check",
+        help="everything a GPU must confirm (CUDA vs CPU parity, TorchServe on a GPU, Table 9 / 10 speeds)",
+        description="Run the prepared GPU checks and write gpu-check.json and gpu-check.md.",
+        epilog=GPU_CHECK_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--out", default="runs/gpu-check", help="output folder (default: %(default)s)")
+    p.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=None, help="run only these sections")
+    p.add_argument("--quick", action="store_true", help="fewer repeats (for tests and a first look)")
+    p.set_defaults(func=func)
+    return p

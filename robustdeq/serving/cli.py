@@ -98,6 +98,13 @@ def add_serving_parsers(sub) -> None:
         help="address of the inference and metrics listeners (default 127.0.0.1; 0.0.0.0 only inside a container "
         "whose ports you publish). The management API always stays on 127.0.0.1",
     )
+    p.add_argument(
+        "--gpus",
+        type=int,
+        default=None,
+        metavar="N",
+        help="TorchServe's number_of_gpu: workers are spread over N GPUs (default: every visible GPU; 0: CPU only)",
+    )
     p.set_defaults(func=_serve)
 
     p = sub.add_parser(
@@ -184,6 +191,7 @@ def _serve(args: argparse.Namespace) -> int:
             timeout=args.timeout,
             host=args.bind,
             console_to_stdout=args.foreground,
+            gpus=args.gpus,
         )
     except ServerError as exc:
         print(f"robustdeq serve: error: {exc}", file=sys.stderr)

@@ -82,12 +82,14 @@ def render_config(
     system_metrics: bool,
     java_tmpdir: Optional[Path] = None,
     host: str = LOOPBACK,
+    gpus: Optional[int] = None,
 ) -> str:
     """The template with addresses, absolute paths and the models to load filled in.
 
     ``host`` is where the inference and metrics listeners (and gRPC inference) bind: loopback by
     default, ``0.0.0.0`` inside a container whose ports are published. The management API
-    always stays on loopback."""
+    always stays on loopback. ``gpus`` sets ``number_of_gpu`` (None: TorchServe's default,
+    every visible GPU; 0: CPU workers only)."""
     text = Path(template).read_text()
     store = Path(store).resolve()
     overrides = {
@@ -104,6 +106,8 @@ def render_config(
         "metrics_config": str(Path(metrics_config).resolve()),
         "disable_system_metrics": "false" if system_metrics else "true",
     }
+    if gpus is not None:
+        overrides["number_of_gpu"] = str(int(gpus))
     if java_tmpdir is not None:
         overrides["vmargs"] = f"{parse_properties(text).get('vmargs', '')} -Djava.io.tmpdir={java_tmpdir}".strip()
     lines, seen = [], set()
@@ -181,6 +185,7 @@ def start_server(
     log=print,
     host: str = LOOPBACK,
     console_to_stdout: bool = False,
+    gpus: Optional[int] = None,
 ) -> ServerInfo:
     """Start TorchServe in the background and wait until every model has a ready worker.
 
@@ -205,7 +210,7 @@ def start_server(
     except ImportError:
         system_metrics = False
     tmp = _short_tmp(run_dir)
-    config = render_config(template, store, registrations, ports, metrics_config, system_metrics, tmp, host)
+    config = render_config(template, store, registrations, ports, metrics_config, system_metrics, tmp, host, gpus)
     (run_dir / "config.properties").write_text(config)
     env = {
         **os.environ,
