@@ -53,6 +53,10 @@ COVERED = [
     (r"make archives\b|" + RD + "archive\\b", "tests/test_serving.py::test_shipped_archives_rebuild_byte_for_byte"),
     (r"make bench\b|" + RD + "bench\\b", "tests/test_cli.py::test_bench_writes_json_and_markdown"),
     (
+        r"make gpu-check\b|" + RD + "gpu-check\\b",
+        "tests/test_gpu_check.py::test_gpu_check_in_cpu_mode_passes_and_says_what_it_skipped",
+    ),
+    (
         r"make loadtest\b|\.venv/bin/locust\b|" + RD + "loadtest\\b",
         "tests/test_loadtest.py::test_smoke_run_end_to_end_has_no_failures_and_exact_counts",
     ),

@@ -197,3 +197,15 @@ def test_validation_split_ranking_and_the_budget_report(tmp_path, cifar_train):
     assert "old" not in text and "tiny-pilot" in text and text.startswith("intro") and text.endswith("outro\n")
     with pytest.raises(ValueError, match="split must be one of"):
         EvalConfig(split="train")
+
+
+def test_the_step_profile_names_every_part_and_the_attack_dominates_pgd10():
+    from robustdeq.training.profile import format_profile, profile_step
+
+    prof = profile_step("deq-tiny", "trades", attack_steps=10, batch=16, rounds=1, validation_seconds_per_step=0.01)
+    parts = {k: v for k, v in prof.items() if k != "full step (measured)"}
+    assert all(v > 0 for v in prof.values())
+    attack = prof["attack: solves (no grad)"] + prof["attack: unroll + input backward"]
+    assert attack > 0.4 * sum(parts.values())  # ten attack iterations against one loss pass
+    table = format_profile(prof, batch=16)
+    assert "| TRADES clean target |" in table and "samples/s" in table

@@ -25,8 +25,9 @@ __all__ = ["InProcessWorker", "make_request"]
 
 
 def make_request(req_id: str, body: Any, content_type: str, headers: Optional[Dict[str, str]] = None) -> dict:
-    """One request as the frontend hands it to a worker (raw bytes, or decoded JSON for
-    ``application/json`` bodies, which TorchServe decodes before the handler sees them)."""
+    """One request as the frontend hands it to a worker: raw bytes (``robustdeq serve`` sets
+    ``TS_DECODE_INPUT_REQUEST=false``, so JSON bodies arrive undecoded too), or an already
+    decoded JSON value, as TorchServe's default decoding would pass it."""
     head = [{"name": k.encode(), "value": str(v).encode()} for k, v in (headers or {}).items()]
     return {
         "requestId": req_id.encode(),
