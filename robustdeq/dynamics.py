@@ -10,7 +10,7 @@ the default is the last-but-one state (paper 1, Sec. 4).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,13 +19,30 @@ from torch import Tensor
 from . import solvers as _solvers
 from .stages import stage
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .models.base import DEQModel
+
+class DynamicalModel(Protocol):
+    """What the dynamics need of a model (``models.base.DEQModel`` is one): the injection,
+    the cell f(z; u), the head, the state size and the solver. A protocol, so that this
+    module does not import the models that import it."""
+
+    n_steps: int
+
+    def inject(self, x: Tensor) -> Tensor: ...
+
+    def cell(self, z: Tensor, u: Tensor) -> Tensor: ...
+
+    def head(self, z: Tensor, u: Tensor) -> Tensor: ...
+
+    def initial_state(self, u: Tensor) -> Tensor: ...
+
+    def make_solver(self, name: Optional[str] = None, **overrides) -> "_solvers.Solver": ...
+
 
 DEFAULT_READOUT = -2  # last but one: z[N-1]
 
 __all__ = [
     "DEFAULT_READOUT",
+    "DynamicalModel",
     "Trajectory",
     "prediction_entropy",
     "run_dynamics",
@@ -47,7 +64,7 @@ def prediction_entropy(logits: Tensor) -> Tensor:
 class CellMap:
     """The map z -> f(z; u) of one model and one injection, restricted to sample rows."""
 
-    def __init__(self, model: "DEQModel", u: Tensor):
+    def __init__(self, model: "DynamicalModel", u: Tensor):
         self.model, self.u = model, u
 
     def __call__(self, z: Tensor, idx: Optional[Tensor] = None) -> Tensor:
@@ -64,7 +81,9 @@ class Trajectory:
     Indices may be negative: -1 is z[N], -2 (the default readout) is z[N-1].
     """
 
-    def __init__(self, model: "DEQModel", states: Sequence[Tensor], residuals: Tensor, injections: Sequence[Tensor]):
+    def __init__(
+        self, model: "DynamicalModel", states: Sequence[Tensor], residuals: Tensor, injections: Sequence[Tensor]
+    ):
         if len(states) != residuals.shape[1] or len(states) != len(injections):
             raise ValueError("states, residuals and injections must cover the same steps")
         self.model = model
@@ -74,7 +93,7 @@ class Trajectory:
         self._logits: Dict[int, Tensor] = {}
 
     @classmethod
-    def from_readouts(cls, model: "DEQModel", all_logits: Tensor, residuals: Tensor) -> "Trajectory":
+    def from_readouts(cls, model: "DynamicalModel", all_logits: Tensor, residuals: Tensor) -> "Trajectory":
         """A trajectory known through its readouts only: logits at z[1..N] [B, N, C] and the
         residuals [B, N + 1], e.g. from an exported graph. Its states and injections are
         empty [B, 0] tensors: whatever needs the states themselves (the defense, attacks)
@@ -163,7 +182,7 @@ class Trajectory:
 
 
 def run_dynamics(
-    model: "DEQModel",
+    model: "DynamicalModel",
     x: Tensor,
     solver: Optional[_solvers.Solver] = None,
     n_steps: Optional[int] = None,
@@ -181,7 +200,7 @@ def run_dynamics(
     return Trajectory(model, result.states, result.residuals, [u] * len(result.states))
 
 
-def damped_steps(model: "DEQModel", w: Tensor, u: Tensor, steps: int, lam: float) -> Tensor:
+def damped_steps(model: "DynamicalModel", w: Tensor, u: Tensor, steps: int, lam: float) -> Tensor:
     """``steps`` damped applications of the cell, w <- (1 - lam) w + lam f(w; u), with gradient.
 
     From a detached intermediate state z[i] this is paper 1's intermediate-state attack
@@ -196,7 +215,7 @@ def damped_steps(model: "DEQModel", w: Tensor, u: Tensor, steps: int, lam: float
     return w
 
 
-def damped_unroll(model: "DEQModel", z: Tensor, u: Tensor, k_steps: int, tau: float) -> Tensor:
+def damped_unroll(model: "DynamicalModel", z: Tensor, u: Tensor, k_steps: int, tau: float) -> Tensor:
     """Phantom-gradient unroll from a detached state: w0 = f(z), then K damped steps
     w <- (1 - tau) w + tau f(w) (DESIGN.md §4, K = 5, tau = 0.5): K + 1 applications of f."""
     if k_steps < 0:
@@ -212,7 +231,7 @@ class PhantomOutput:
 
 
 def phantom_forward(
-    model: "DEQModel",
+    model: "DynamicalModel",
     x: Tensor,
     n_steps: Optional[int] = None,
     unroll: int = 5,
@@ -236,7 +255,7 @@ def phantom_forward(
     return PhantomOutput(logits=model.head(w, u), state=z, injection=u)
 
 
-def unrolled_forward(model: "DEQModel", x: Tensor, depth: Optional[int] = None) -> Tensor:
+def unrolled_forward(model: "DynamicalModel", x: Tensor, depth: Optional[int] = None) -> Tensor:
     """Logits of the cell unrolled ``depth`` times from z[0] = 0 with full backpropagation:
     the weight-tied deep network used for pretraining (paper 1 Appendix A; MDEQ)."""
     depth = model.n_steps if depth is None else int(depth)

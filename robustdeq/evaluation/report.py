@@ -6,13 +6,31 @@ from __future__ import annotations
 import datetime as _dt
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Protocol
 
 from .. import __version__
 from ..stats import Proportion
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .suite import Evaluator
+
+class FinishedEvaluation(Protocol):
+    """What :func:`assemble_results` reads of a finished run (``suite.Evaluator`` is one);
+    a protocol, so that this module does not import the suite that imports it."""
+
+    checkpoint_path: str
+    checkpoint_sha256: str
+    ckpt: Any
+    N: int
+    k: int
+    n: int
+    device: Any
+    config: Any
+    subset_id: str
+    jobs: Dict[str, dict]
+    best: Dict[str, Any]
+    defenses: List[Any]
+
+    def strongest_intermediate(self) -> Any: ...
+
 
 CARD_SCHEMA_ID = "robustdeq.robustness_card/1"
 #: how each evaluation split is described in the results
@@ -25,7 +43,7 @@ CARD_SCHEMA_PATH = Path(__file__).with_name("robustness_card.schema.json")
 __all__ = ["assemble_results", "write_outputs", "robustness_card", "validate_card", "CARD_SCHEMA_PATH"]
 
 
-def assemble_results(ev: "Evaluator") -> dict:
+def assemble_results(ev: FinishedEvaluation) -> dict:
     """Everything the evaluator measured, organised for the report and for ``compare``."""
     jobs = ev.jobs
     clean = jobs["clean"]
