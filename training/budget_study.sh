@@ -19,10 +19,14 @@ declare -A PILOTS=(
   [p2-tiny-trades-rs-pgd2]="$C/deq-tiny-trades-rs.yaml --set optim.epochs=11 --set attack.steps=2 --set attack.step_size=4/255"
   # PGD-AT + Sec. 3.3 with N-FGSM (one step of eps from +-2 eps noise, no projection)
   [p3-tiny-pgdat-rs-nfgsm]="$C/deq-tiny-pgd-rs.yaml --set optim.epochs=12 --set attack.kind=nfgsm --set attack.step_size=8/255 --set attack.noise=2"
-  # P2's attack with SGD (Nesterov) + one-cycle learning rate + weight EMA
+  # TRADES + Sec. 3.3 with N-FGSM as the inner maximisation of the KL term
+  [p4-tiny-trades-rs-nfgsm]="$C/deq-tiny-trades-rs.yaml --set optim.epochs=24 --set attack.kind=nfgsm --set attack.step_size=8/255 --set attack.noise=2"
+  # P3 with SGD (Nesterov) + one-cycle learning rate + weight EMA, same epochs
+  [p5-tiny-pgdat-rs-nfgsm-sgd]="$C/deq-tiny-pgd-rs.yaml --set optim.epochs=12 --set attack.kind=nfgsm --set attack.step_size=8/255 --set attack.noise=2 --set optim.name=sgd --set optim.lr=0.05 --set optim.weight_decay=5e-4 --set optim.schedule=onecycle --set optim.ema_decay=0.999"
+  # P3 at P2's cost (twice the epochs)
+  [p3b-tiny-pgdat-rs-nfgsm-24ep]="$C/deq-tiny-pgd-rs.yaml --set optim.epochs=24 --set attack.kind=nfgsm --set attack.step_size=8/255 --set attack.noise=2"
   # the larger preset (0.23M parameters) with P2's recipe
-  [p5-small-trades-rs-pgd2]="$C/deq-tiny-trades-rs.yaml --set model.name=deq-small --set optim.epochs=3 --set attack.steps=2 --set attack.step_size=4/255"
-  [p4-tiny-trades-rs-pgd2-sgd]="$C/deq-tiny-trades-rs.yaml --set optim.epochs=11 --set attack.steps=2 --set attack.step_size=4/255 --set optim.name=sgd --set optim.lr=0.05 --set optim.weight_decay=5e-4 --set optim.schedule=onecycle --set optim.ema_decay=0.999"
+  [p6-small-trades-rs-pgd2]="$C/deq-tiny-trades-rs.yaml --set model.name=deq-small --set optim.epochs=3 --set attack.steps=2 --set attack.step_size=4/255"
 )
 if [ $# -eq 0 ]; then
   for p in "${!PILOTS[@]}"; do echo "$p: ${PILOTS[$p]}"; done | sort
