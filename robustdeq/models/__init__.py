@@ -22,36 +22,29 @@ __all__ = [
     "model_from_config",
 ]
 
+#: the CPU configuration; the larger single-scale preset changes only its widths
+_DEQ_TINY = dict(
+    channels=48,
+    stem_channels=32,
+    downsample=2,
+    expansion=1,
+    num_groups=4,
+    wnorm=False,
+    solver="broyden",
+    solver_kwargs={"m": 8},
+    n_steps=8,
+)
+
 #: name -> (class, default constructor arguments, one-line description)
 MODEL_PRESETS: Dict[str, tuple] = {
     "deq-tiny": (
         SingleScaleDEQ,
-        dict(
-            channels=48,
-            stem_channels=32,
-            downsample=2,
-            expansion=1,
-            num_groups=4,
-            wnorm=False,
-            solver="broyden",
-            solver_kwargs={"m": 8},
-            n_steps=8,
-        ),
+        _DEQ_TINY,
         "single-scale conv DEQ, 48x8x8 state, Broyden N=8: the CPU configuration",
     ),
     "deq-small": (
         SingleScaleDEQ,
-        dict(
-            channels=96,
-            stem_channels=48,
-            downsample=2,
-            expansion=1,
-            num_groups=8,
-            wnorm=False,
-            solver="broyden",
-            solver_kwargs={"m": 8},
-            n_steps=8,
-        ),
+        dict(_DEQ_TINY, channels=96, stem_channels=48, num_groups=8),
         "single-scale conv DEQ, 96x8x8 state, Broyden N=8: the larger CPU configuration",
     ),
     "resnet20": (
