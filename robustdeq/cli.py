@@ -56,6 +56,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     return run_evaluate(args)
 
 
+def _merge_shards(args: argparse.Namespace) -> int:
+    from .evaluation.cli import run_merge
+
+    return run_merge(args)
+
+
 def _compare(args: argparse.Namespace) -> int:
     from .evaluation.cli import run_compare
 
@@ -204,11 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="CIFAR-10 source (default: ../shared/data archive)")
     p.set_defaults(func=_export)
 
-    from .evaluation.cli import add_card_parser, add_compare_parser, add_evaluate_parser
+    from .evaluation.cli import add_card_parser, add_compare_parser, add_evaluate_parser, add_merge_parser
     from .training.cli import add_train_parser
 
     add_train_parser(sub, _train)
     add_evaluate_parser(sub, _evaluate)
+    add_merge_parser(sub, _merge_shards)
     add_compare_parser(sub, _compare)
     add_card_parser(sub)
 

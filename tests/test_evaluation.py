@@ -162,6 +162,7 @@ def test_defense_setting_parse():
 TINY = dict(
     n=24, batch_size=12, steps=2, states=(2, 5), unrolls=(2,), lams=(0.5,), defenses=("2,2", "2,2,gated"),
     val_n=200, apgd_iters=3, apgd_targets=1, square_queries=10, defended_square_queries=3, defended_square_n=4,
+    defended_apgd_iters=2, defended_apgd_targets=2, select_n=20,
     adaptive_steps=2, check_n=8, sweep_eps=(8 / 255, 64 / 255), grid_T_f=(2,), grid_R=(1, 2),
 )  # fmt: skip
 
@@ -191,7 +192,7 @@ def test_evaluation_end_to_end(tiny_evaluation):
     worst_none = settings["none"]["worst_case"]["acc"]
     assert all(worst_none <= a["acc"]["acc"] for a in results["attacks"])
     chain = [c["attack"] for c in settings["gated-T2-R2"]["chain"]]
-    assert chain == ["bpda", "unroll", "gate-aware", "square"]
+    assert chain == ["bpda", "unroll", "apgd-t-bpda", "apgd-t-unroll", "gate-aware", "square"]
     # the Table 3 diagonal is each setting's own worst case
     m = results["paper_tables"]["table3_transfer"]["matrix"]
     for name, s in settings.items():

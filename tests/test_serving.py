@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import zipfile
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -244,15 +245,24 @@ def test_observations_cover_the_modes(engine, test_batch):
     opts = [options(body={"defense": d}) for d in ("off", "on", "gated")]
     answers, _ = engine.predict(x, opts)
     err = RequestError(400, "corrupt_image", "x")
-    obs = observations("m", answers, [err], 0.1, 4)
-    names = [name for name, _, _ in obs]
-    assert names.count("robustdeq_requests_total") == 3
-    assert ("robustdeq_rejected_requests_total", 1.0, ("m", "corrupt_image", "400")) in obs
-    assert names.count("robustdeq_defended_requests_total") == sum(a["defense"]["ran"] for a in answers)
+    obs = observations("m", answers, [err, err], 0.1, 4)
+
+    def total(metric, **labels):
+        return sum(v for name, v, dims in obs if name == metric and all(d in dims for d in labels.values()))
+
+    assert total("robustdeq_requests_total") == 3
+    # counters are summed per batch and label set: one line carries both rejections
+    assert ("robustdeq_rejected_requests_total", 2.0, ("m", "corrupt_image", "400")) in obs
+    assert len({(n, d) for n, _, d in obs if n.endswith("_total")}) == len(
+        [n for n, _, _ in obs if n.endswith("_total")]
+    )
+    assert total("robustdeq_defended_requests_total") == sum(a["defense"]["ran"] for a in answers)
     gated_through = 0 if answers[2]["defense"]["ran"] else 1
-    assert names.count("robustdeq_gated_through_requests_total") == gated_through
-    bands = [dims[2] for name, _, dims in obs if name == "robustdeq_prediction_entropy_band_total"]
-    assert bands == [entropy_band(a["entropy"]) for a in answers]
+    assert total("robustdeq_gated_through_requests_total") == gated_through
+    # histograms keep one observation per request
+    assert [n for n, _, _ in obs].count("robustdeq_prediction_entropy") == 3
+    bands = {(d[1], d[2]): v for n, v, d in obs if n == "robustdeq_prediction_entropy_band_total"}
+    assert bands == Counter((a["defense"]["mode"], entropy_band(a["entropy"])) for a in answers)
     assert (entropy_band(0.0), entropy_band(1.8), entropy_band(2.3)) == ("0.00-0.25", "1.75-2.00", "2.25+")
 
 

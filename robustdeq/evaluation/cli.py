@@ -8,7 +8,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from .suite import FAMILIES, EvalConfig
+from .suite import FAMILIES, SHARDABLE_FAMILIES, EvalConfig
 
 _EVALUATE_EPILOG = """\
 attack families (--attacks, default: all):
@@ -18,8 +18,11 @@ attack families (--attacks, default: all):
   apgd-ce       APGD-CE (pyautoattack) through the strongest Eq. 11 gradient
   apgd-t        APGD-T (pyautoattack, --apgd-targets target classes)
   square        Square (pyautoattack, black box, --square-queries)
-  adaptive      per defense: BPDA, full unroll with soft sign, Square through the pipeline,
-                and for the gated defense an attack that keeps the gate shut
+  adaptive      per defense: BPDA and full unroll (soft sign) PGD, APGD-T through each of them,
+                for the gated defense an attack that keeps the gate shut, then Square through
+                the whole pipeline on every survivor
+  cross-model   the strongest inputs of other evaluations of the same images (--transfer-from),
+                fed to this model with and without each defense; they count in the worst case
   radii         paper 2 Table 1: I-FGSM and PGD at eps 2, 4, 6, 8 /255
   analyses      Fig. 2c/3b/3c dynamics, Table 3 transfer matrix, Table 5 T_f x R grid
   checks        gradient-masking checks (eps sweep, 2x steps, 2x solver steps, input gradients)
@@ -28,6 +31,11 @@ The defense keeps paper 1's own budget (beta 2/255, eps 8/255) whatever the atta
 The run is resumable: rerun the same command after an interruption and finished jobs are
 skipped; rerunning with more --attacks families adds just their jobs.
 Outputs in --out: results.json, report.md, robustness_card.json, PNG plots.
+
+Scale-out: --shard i/k evaluates shard i (0-based) of k, whole blocks of --block images each,
+in its own process or machine; 'robustdeq merge-shards --out DIR SHARD_DIR...' then writes
+exactly what one process would have. Shards run the per-sample families (not analyses or
+checks); rerun 'evaluate' with those families on the merged folder to add them.
 """
 
 
@@ -54,8 +62,13 @@ def add_evaluate_parser(sub, func) -> None:
     )
     p.add_argument("--eps", default="8/255", help="l_inf radius (default 8/255)")
     p.add_argument("--steps", type=int, default=10, help="PGD steps of the white-box attacks (default 10)")
-    p.add_argument("--attacks", nargs="+", default=list(FAMILIES), metavar="FAMILY",
-                   help="attack families to run (default: all; see below)")  # fmt: skip
+    p.add_argument(
+        "--attacks",
+        nargs="+",
+        default=None,
+        metavar="FAMILY",
+        help="attack families to run (default: all; with --shard, all but analyses and checks)",
+    )
     p.add_argument("--defense", action="append", default=None, metavar="T_f,R[,gated]",
                    help="defense setting (repeatable; default 2,10 and 2,10,gated; 'none': no defense)")  # fmt: skip
     p.add_argument("--full-grid", action="store_true", help="paper 1's full Eq. 11 grid: 1..N x K_a 1..9 x 2")
@@ -66,11 +79,33 @@ def add_evaluate_parser(sub, func) -> None:
     p.add_argument("--apgd-iters", type=int, default=100)
     p.add_argument("--apgd-targets", type=int, default=3, help="APGD-T target classes (AutoAttack: 9)")
     p.add_argument("--square-queries", type=int, default=1000, help="Square queries on the undefended model")
-    p.add_argument("--defended-square-queries", type=int, default=100)
-    p.add_argument("--defended-square-n", type=int, default=100, help="survivors Square attacks through a defense")
+    p.add_argument("--defended-square-queries", type=int, default=1000,
+                   help="Square queries through a defense, on every survivor (default 1000)")  # fmt: skip
+    p.add_argument("--defended-square-n", type=int, default=None,
+                   help="attack at most this many survivors with Square through a defense (default: all)")  # fmt: skip
+    p.add_argument("--defended-apgd-iters", type=int, default=20,
+                   help="APGD-T through BPDA and through the unroll: iterations per target (default 20)")  # fmt: skip
+    p.add_argument("--defended-apgd-targets", type=int, default=9, help="... and target classes (default 9)")
+    p.add_argument("--select-n", type=int, default=200,
+                   help="validation images on which the Eq. 11 grid chooses the surrogate (default 200)")  # fmt: skip
     p.add_argument("--adaptive-steps", type=int, default=10, help="PGD steps of BPDA / unroll / gate-aware")
     p.add_argument("--check-n", type=int, default=200, help="images for the gradient-masking checks")
+    p.add_argument("--transfer-from", action="append", default=[], metavar="LABEL=FOLDER",
+                   help="a finished evaluation of another model on the same images whose strongest inputs are "
+                   "transferred to this one (repeatable; family cross-model)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=200)
+    p.add_argument(
+        "--block",
+        type=int,
+        default=1000,
+        help="batches never cross a block of this many images; shards are whole blocks (default 1000)",
+    )
+    p.add_argument(
+        "--shard",
+        default=None,
+        metavar="i/k",
+        help="evaluate only shard i (0-based) of k; merge the folders with 'robustdeq merge-shards'",
+    )
     p.add_argument("--data", default=None, help="CIFAR-10 source (default: ../shared/data archive)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
@@ -85,12 +120,14 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from ..runtime import tune_cpu_allocator
     from ..training.config import parse_number
     from .report import write_outputs
+    from .shards import Shard
     from .suite import Evaluator
 
     if args.threads:
         torch.set_num_threads(args.threads)
     tune_cpu_allocator()
     eps = float(parse_number(args.eps))
+    families = args.attacks or (SHARDABLE_FAMILIES if args.shard else FAMILIES)
     config = EvalConfig(
         n=args.n,
         seed=args.seed,
@@ -99,7 +136,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         step_size=eps / 4,
         steps=args.steps,
         batch_size=args.batch_size,
-        families=tuple(args.attacks),
+        families=tuple(families),
         full_grid=args.full_grid,
         states=tuple(args.states) if args.states else None,
         unrolls=tuple(args.unrolls),
@@ -110,18 +147,65 @@ def run_evaluate(args: argparse.Namespace) -> int:
         square_queries=args.square_queries,
         defended_square_queries=args.defended_square_queries,
         defended_square_n=args.defended_square_n,
+        defended_apgd_iters=args.defended_apgd_iters,
+        defended_apgd_targets=args.defended_apgd_targets,
+        select_n=args.select_n,
         adaptive_steps=args.adaptive_steps,
         check_n=args.check_n,
+        block=args.block,
+        transfer_from=tuple(args.transfer_from),
     )
+    shard = Shard.parse(args.shard) if args.shard else None
     ev = Evaluator(args.checkpoint, args.out, config, device=args.device, data=args.data,
-                   progress=not args.no_progress, restart=args.restart)  # fmt: skip
+                   progress=not args.no_progress, restart=args.restart, shard=shard)  # fmt: skip
     results = ev.run()
-    paths = write_outputs(results, Path(args.out))
+    if shard is not None:
+        print(f"shard {shard.index}/{shard.count}: images {ev.offset}..{ev.offset + ev.n - 1} done in {args.out}; "
+              "merge all shards with 'robustdeq merge-shards'")  # fmt: skip
+        return 0
+    _print_summary(results, write_outputs(results, Path(args.out)))
+    return 0
+
+
+def _print_summary(results: dict, paths: dict) -> None:
     for s in results["settings"]:
         clean = s["clean"]["acc"] if s["clean"] else float("nan")
         print(f"{s['name']:<22} clean {100 * clean:5.1f}%   worst case {100 * s['worst_case']['acc']:5.1f}%"
               + (f"   (non-adaptive {100 * s['non_adaptive']['acc']:.1f}%)" if s["non_adaptive"] else ""))  # fmt: skip
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
+
+
+def add_merge_parser(sub, func) -> None:
+    p = sub.add_parser(
+        "merge-shards",
+        help="merge the folders of 'robustdeq evaluate --shard i/k' into one evaluation",
+        description="Merge complete shard folders of one evaluation (same checkpoint, subset and settings, shards "
+        "0..k-1) into --out and write its results, report and robustness card. The merge equals a single-process "
+        "run image for image; --out is an ordinary evaluation folder afterwards.",
+    )
+    p.add_argument("shards", nargs="+", help="the shard folders (any order)")
+    p.add_argument("--out", required=True, help="folder for the merged evaluation")
+    p.add_argument("--checkpoint", default=None, help="the checkpoint, if it moved since the shards ran")
+    p.add_argument("--data", default=None, help="CIFAR-10 source, if the shards used another")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=func)
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from .report import write_outputs
+    from .shards import ShardMergeError, merge_shards
+    from .suite import Evaluator
+
+    try:
+        out = merge_shards(args.shards, args.out)
+    except (ShardMergeError, FileNotFoundError) as exc:
+        print(f"merge-shards: {exc}", file=sys.stderr)
+        return 2
+    state = json.loads((out / "state.json").read_text())
+    config = {k: tuple(v) if isinstance(v, list) else v for k, v in state["identity"]["config"].items()}
+    ev = Evaluator(args.checkpoint or state["checkpoint"], str(out), EvalConfig(**config), device=args.device,
+                   data=args.data or state.get("data"), progress=False)  # fmt: skip
+    _print_summary(ev.run(), write_outputs(ev.results(), out))
     return 0
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..attacks import margin
+from ..attacks import margin, straight_through
 from ..defense import DefenseSetting
 from ..stats import correct_string
 from .adaptive import defended_logits, defended_surrogate_logits, gate_aware_loss
@@ -51,11 +51,45 @@ class DefenseAttacks:
             )  # fmt: skip
         return self._adaptive_record(d, "gate-aware", before, attack)
 
+    def _adaptive_apgd_t(self, d: DefenseSetting, mode: str) -> dict:
+        """Targeted APGD (pyautoattack's APGD-T, ``defended_apgd_targets`` target classes of
+        ``defended_apgd_iters`` iterations each) through BPDA or the full unroll, on the inputs
+        every earlier attack left correct; its candidates are scored by the real pipeline."""
+        from pyautoattack.autopgd_base import APGDAttack_targeted
+
+        c = self.config
+        attack = self.strongest_intermediate()
+        idx = self._robust(d).nonzero().squeeze(1)
+        before = len(idx)
+        if before:
+
+            def predict(xa):
+                if not (torch.is_grad_enabled() and xa.requires_grad):  # APGD's bookkeeping calls: the value only
+                    return defended_logits(self.model, xa, d)
+                return straight_through(*defended_surrogate_logits(self.model, xa, d, attack, mode))
+
+            apgd = APGDAttack_targeted(
+                predict, n_iter=c.defended_apgd_iters, eps=c.eps, seed=c.seed,
+                n_target_classes=c.defended_apgd_targets, device=self.device,
+            )  # fmt: skip
+
+            def fn(chunk, x, y):
+                adv = apgd.perturb(x, y)
+                with torch.no_grad():
+                    m = margin(defended_logits(self.model, adv, d), y)
+                self.best[d.name].update(chunk, adv.cpu(), m.cpu())
+                return m
+
+            self._map(fn, self.x, idx, f"{d.name}/apgd-t-{mode}", UNROLL_BATCH if mode == "unroll" else None)
+        rec = self._adaptive_record(d, f"apgd-t-{mode}", before, attack)
+        rec["iterations"], rec["targets"] = c.defended_apgd_iters, c.defended_apgd_targets
+        return rec
+
     def _defended_square(self, d: DefenseSetting) -> dict:
         from pyautoattack.square import SquareAttack
 
         c = self.config
-        idx = self._robust(d).nonzero().squeeze(1)[: c.defended_square_n]
+        idx = self._robust(d).nonzero().squeeze(1)[: c.defended_square_n]  # None: every survivor
         before = int(self._robust(d).sum())
         if len(idx):
 

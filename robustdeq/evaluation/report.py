@@ -91,6 +91,17 @@ def assemble_results(ev: FinishedEvaluation) -> dict:
                 "chain": chain,
             }
         )
+    cross_model = {}
+    for name, rec in jobs.items():
+        if name.startswith("cross-model/"):
+            label = name.split("/", 1)[1]
+            per_sample[name] = rec["correct"]
+            per_sample.update({f"{name}/{d}": v["correct"] for d, v in rec["defenses"].items()})
+            cross_model[label] = {
+                "source": rec["source"],
+                "none": _strip(rec["acc"]),
+                **{d: _strip(v) for d, v in rec["defenses"].items()},
+            }
     results = {
         "format": "robustdeq.evaluation/1",
         "library_version": __version__,
@@ -107,8 +118,10 @@ def assemble_results(ev: FinishedEvaluation) -> dict:
         "clean": {k: v for k, v in clean.items() if k not in ("correct", "margin", "entropy_final", "entropy_readout")},
         "gate": jobs.get("gate"),
         "attacks": attacks,
-        "strongest_intermediate": ev.strongest_intermediate().name if grid else None,
+        "strongest_intermediate": ev.strongest_intermediate().name if "surrogate" in jobs else None,
+        "surrogate_choice": jobs.get("surrogate"),
         "settings": settings,
+        "cross_model": cross_model,
         "paper_tables": {
             "table3_transfer": jobs.get("transfer-matrix"),
             "table5_tf_r_grid": jobs.get("tf-r-grid"),
@@ -177,6 +190,7 @@ def robustness_card(results: dict) -> dict:
     attacks = [a["name"] for a in results["attacks"]]
     for s in results["settings"][1:]:
         attacks += [f"{s['name']}/{c['attack']}" for c in s["chain"]]
+    attacks += [f"cross-model/{label}" for label in results.get("cross_model", {})]
     return {
         "schema": CARD_SCHEMA_ID,
         "model": results["model"],
@@ -266,7 +280,10 @@ def markdown_report(r: dict, plots: Dict[str, str]) -> str:
     for a in r["attacks"]:
         add(f"| {a['name']} | {_pct(a['acc'])} | {100 * a['P']:.1f}% | {a['delta_H']:+.3f} |")
     if r.get("strongest_intermediate"):
-        add(f"\nStrongest Eq. 11 attack (used by APGD and the adaptive attacks): `{r['strongest_intermediate']}`.")
+        add(
+            f"\nEq. 11 surrogate of APGD and the adaptive attacks (the strongest grid attack on the validation "
+            f"split): `{r['strongest_intermediate']}`."
+        )
     for s in r["settings"][1:]:
         if not s["chain"]:
             continue
@@ -277,6 +294,17 @@ def markdown_report(r: dict, plots: Dict[str, str]) -> str:
         for c in s["chain"]:
             sur = c.get("surrogate") or "–"
             add(f"| {c['attack']} | {sur} | {c['attacked']} | {c['flipped']} | {_pct(c['after'])} |")
+    if r.get("cross_model"):
+        names = [s["name"] for s in r["settings"]]
+        add("\n## Transfer from other models\n")
+        add(
+            "The strongest per-sample inputs found against each source model (its own white-box attacks), fed to "
+            "this model; accuracy on all images. They count in this model's worst case.\n"
+        )
+        add("| source | " + " | ".join(names) + " |")
+        add("|---" * (len(names) + 1) + "|")
+        for label, rec in r["cross_model"].items():
+            add(f"| {label} | " + " | ".join(_pct(rec.get(n)) for n in names) + " |")
     t = r["paper_tables"]
     if t.get("table3_transfer"):
         m = t["table3_transfer"]

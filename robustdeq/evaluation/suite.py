@@ -12,6 +12,12 @@ evaluator keeps a "still robust" mask and the strongest adversarial input found 
 transferred to every defense lazily (only where it is still robust), which yields the
 non-adaptive number the paper reports; the adaptive attacks then run on the survivors,
 and the headline is the per-sample worst case over everything.
+
+Scale-out: the subset is cut into blocks of ``EvalConfig.block`` images. Every batch stays
+inside one block and is seeded by its global position, and every choice the attacks make
+(the gate threshold, the Eq. 11 surrogate) is taken on the validation split, so a shard of
+whole blocks (``shard=``, :mod:`.shards`) computes exactly what one process computes for
+those images, and merged shards equal a single run.
 """
 
 from __future__ import annotations
@@ -34,8 +40,10 @@ from ..defense import DefenseSetting
 from ..stats import Proportion, correct_string
 from .adaptive import defended_logits, readout_logits
 from .analyses import PaperAnalyses
-from .common import BestInput, median_ratio
+from .common import BestInput, median_ratio, seed_of
 from .defended import UNROLL_BATCH, DefenseAttacks
+from .shards import Shard
+from .transfer import CrossModelTransfer, parse_source
 from .undefended import UndefendedAttacks
 
 FAMILIES = (
@@ -46,11 +54,15 @@ FAMILIES = (
     "apgd-t",
     "square",
     "adaptive",
+    "cross-model",
     "radii",
     "analyses",
     "checks",
 )
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: surrogate chosen on validation, block-aligned batches, shards
+#: the families a shard may run: per-sample results that merge exactly (the analyses and the
+#: checks summarise the whole subset; run them in one process, e.g. on the merged folder)
+SHARDABLE_FAMILIES = tuple(f for f in FAMILIES if f not in ("analyses", "checks"))
 
 __all__ = ["EvalConfig", "Evaluator", "FAMILIES", "evaluation_subset", "UNROLL_BATCH"]
 
@@ -74,17 +86,22 @@ class EvalConfig:
     defenses: Tuple[str, ...] = ("2,10", "2,10,gated")
     gate_quantile: float = 0.95
     val_n: int = 1000
+    select_n: int = 200  # validation images on which the Eq. 11 grid chooses the surrogate
     apgd_iters: int = 100
     apgd_targets: int = 3
     square_queries: int = 1000
-    defended_square_queries: int = 100
-    defended_square_n: int = 100
+    defended_square_queries: int = 1000  # the full budget, on every survivor of the white-box attacks
+    defended_square_n: Optional[int] = None  # at most this many survivors (None: all)
+    defended_apgd_iters: int = 20  # APGD-T through BPDA and through the unroll, per target class
+    defended_apgd_targets: int = 9
     adaptive_steps: int = 10
     radii: Tuple[float, ...] = (2 / 255, 4 / 255, 6 / 255, 8 / 255)
     check_n: int = 200
     sweep_eps: Tuple[float, ...] = (8 / 255, 16 / 255, 32 / 255, 64 / 255)
     grid_T_f: Tuple[int, ...] = (1, 2, 4)
     grid_R: Tuple[int, ...] = (1, 5, 10)
+    block: int = 1000  # batches never cross a block; shards are whole blocks
+    transfer_from: Tuple[str, ...] = ()  # LABEL=FOLDER of finished evaluations of the same subset
 
     def __post_init__(self):
         unknown = [f for f in self.families if f not in FAMILIES]
@@ -92,12 +109,14 @@ class EvalConfig:
             raise ValueError(f"unknown attack families {unknown}; choose from {', '.join(FAMILIES)}")
         if self.split not in SPLITS:
             raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
-        if self.n < 1 or self.batch_size < 1:
-            raise ValueError("n and batch_size must be >= 1")
+        if self.n < 1 or self.batch_size < 1 or self.block < 1:
+            raise ValueError("n, batch_size and block must be >= 1")
         if not 0.0 < self.eps <= 1.0:
             raise ValueError(f"eps must be in (0, 1], got {self.eps}")
         if not 0.0 < self.gate_quantile < 1.0:
             raise ValueError("gate_quantile must be in (0, 1)")
+        for source in self.transfer_from:
+            parse_source(source)
         if self.full_grid:
             self.unrolls = tuple(range(1, 10))
             self.lams = (0.5, 1.0)
@@ -117,12 +136,12 @@ def evaluation_subset(split, n: int, seed: int) -> Tuple[Tensor, Tensor, Tensor]
     return order, split.images[order], split.labels[order]
 
 
-class Evaluator(UndefendedAttacks, DefenseAttacks, PaperAnalyses):
+class Evaluator(UndefendedAttacks, DefenseAttacks, CrossModelTransfer, PaperAnalyses):
     """Runs the jobs of one evaluation into ``out_dir``; see the module docstring.
 
     This class holds the shared state (model, subset, per-sample best inputs, saved jobs) and
     the order of the jobs; each family of jobs lives in its own module: ``undefended``,
-    ``defended`` and ``analyses``."""
+    ``defended``, ``transfer`` and ``analyses``."""
 
     def __init__(
         self,
@@ -133,6 +152,7 @@ class Evaluator(UndefendedAttacks, DefenseAttacks, PaperAnalyses):
         data: Optional[str] = None,
         progress: bool = True,
         restart: bool = False,
+        shard: Optional[Shard] = None,
     ):
         from ..checkpoint import file_sha256, load_checkpoint
         from ..data import load_cifar10
@@ -152,11 +172,18 @@ class Evaluator(UndefendedAttacks, DefenseAttacks, PaperAnalyses):
         pool = (
             load_cifar10("test", data, progress=progress) if self.config.split == "test" else self._validation_split()
         )
-        self.indices, images, labels = evaluation_subset(pool, self.config.n, self.config.seed)
-        self.x = images.float().div(255.0)
-        self.y = labels.clone()
+        order, images, labels = evaluation_subset(pool, self.config.n, self.config.seed)
+        # the identity of the whole subset, whichever shard of it this process evaluates
+        self.subset_id = hashlib.sha256(pool.fingerprint.encode() + order.numpy().tobytes()).hexdigest()[:16]
+        self.shard = shard
+        start, stop = (0, len(order)) if shard is None else shard.bounds(len(order), self.config.block)
+        if shard is not None:
+            shard.check_families(self.config, SHARDABLE_FAMILIES)
+        self.offset = start  # global position of this process's first image (a block boundary)
+        self.indices = order[start:stop]
+        self.x = images[start:stop].float().div(255.0)
+        self.y = labels[start:stop].clone()
         self.n = len(self.y)
-        self.subset_id = hashlib.sha256(pool.fingerprint.encode() + self.indices.numpy().tobytes()).hexdigest()[:16]
         self.defenses = [DefenseSetting.parse(s) for s in self.config.defenses]
         self.defenses = [d for d in self.defenses if not d.is_plain]
         self.out = Path(out_dir)
@@ -172,6 +199,7 @@ class Evaluator(UndefendedAttacks, DefenseAttacks, PaperAnalyses):
             "checkpoint_sha256": self.checkpoint_sha256,
             "subset_id": self.subset_id,
             "config": self.config.to_dict(),
+            "shard": None if self.shard is None else self.shard.to_dict(self.offset, self.offset + self.n),
         }
 
     def _load_state(self, restart: bool) -> None:
@@ -179,6 +207,12 @@ class Evaluator(UndefendedAttacks, DefenseAttacks, PaperAnalyses):
         if restart or not path.exists():
             return
         saved = json.loads(path.read_text())
+        if (saved.get("identity") or {}).get("format") != STATE_FORMAT:
+            raise ValueError(
+                f"{self.out} holds an evaluation written by an older version of the evaluator "
+                f"(state format {(saved.get('identity') or {}).get('format')}, now {STATE_FORMAT}); "
+                "use another --out, or --restart to discard it"
+            )
         if _without_families(saved.get("identity")) != _without_families(self._identity()):
             raise ValueError(
                 f"{self.out} holds an evaluation of another checkpoint or with other settings; "
@@ -197,7 +231,13 @@ class Evaluator(UndefendedAttacks, DefenseAttacks, PaperAnalyses):
         tmp = self.out / "state.pt.tmp"
         torch.save(tensors, tmp)
         os.replace(tmp, self.out / "state.pt")
-        state = {"identity": self._identity(), "jobs": self.jobs, "best": sorted(self.best)}
+        state = {
+            "identity": self._identity(),
+            "checkpoint": self.checkpoint_path,
+            "data": self.data_arg,
+            "jobs": self.jobs,
+            "best": sorted(self.best),
+        }
         tmp = self.out / "state.json.tmp"
         tmp.write_text(json.dumps(state))
         os.replace(tmp, self.out / "state.json")
@@ -218,8 +258,21 @@ class Evaluator(UndefendedAttacks, DefenseAttacks, PaperAnalyses):
         return tqdm(total=total, desc=desc, unit="img", leave=False, disable=not self.progress)
 
     def _chunks(self, idx: Tensor, batch: Optional[int] = None) -> List[Tensor]:
+        """Batches of at most ``batch`` of the (sorted) sample indices ``idx``, none crossing a
+        block, so that each batch holds the same images in a single run and in a shard."""
         b = batch or self.config.batch_size
-        return [idx[i : i + b] for i in range(0, len(idx), b)]
+        out: List[Tensor] = []
+        if not len(idx):
+            return out
+        blocks = (idx + self.offset) // self.config.block
+        edges = [0] + (torch.nonzero(blocks[1:] != blocks[:-1]).squeeze(1) + 1).tolist() + [len(idx)]
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            out += [idx[i : min(i + b, hi)] for i in range(lo, hi, b)]
+        return out
+
+    def _seed(self, name: str, chunk: Tensor) -> int:
+        """The seed of one batch of one job: by its first image's position in the whole subset."""
+        return seed_of(self.config.seed, name, self.offset + int(chunk[0]))
 
     def _map(self, fn: Callable[[Tensor, Tensor, Tensor], Tensor], x_all: Tensor, idx: Tensor, desc: str, batch=None):
         """Apply ``fn(idx_chunk, x, y) -> per-sample tensor`` over ``idx`` in batches."""
@@ -274,6 +327,7 @@ class Evaluator(UndefendedAttacks, DefenseAttacks, PaperAnalyses):
         if "ifgsm" in fam:
             self._job("ifgsm", lambda: self._undefended_attack("ifgsm", self._ifgsm_adv))
         if "intermediate" in fam:
+            self._job("surrogate", self._choose_surrogate)
             for a in self._grid():
                 self._job(a.name, lambda a=a: self._undefended_attack(a.name, self._intermediate_adv(a), attack=a))
         if "apgd-ce" in fam:
@@ -287,9 +341,14 @@ class Evaluator(UndefendedAttacks, DefenseAttacks, PaperAnalyses):
             for d in self.defenses:
                 self._job(f"{d.name}/bpda", lambda d=d: self._adaptive_pgd(d, "bpda"))
                 self._job(f"{d.name}/unroll", lambda d=d: self._adaptive_pgd(d, "unroll"))
+                for mode in ("bpda", "unroll"):
+                    self._job(f"{d.name}/apgd-t-{mode}", lambda d=d, mode=mode: self._adaptive_apgd_t(d, mode))
                 if d.gated:
                     self._job(f"{d.name}/gate-aware", lambda d=d: self._gate_aware(d))
                 self._job(f"{d.name}/square", lambda d=d: self._defended_square(d))
+        if "cross-model" in fam:
+            for label, folder in map(parse_source, self.config.transfer_from):
+                self._job(f"cross-model/{label}", lambda label=label, folder=folder: self._transfer_in(label, folder))
         if "radii" in fam:
             self._job("radii", self._radii)
         if "analyses" in fam:
@@ -424,9 +483,11 @@ class Evaluator(UndefendedAttacks, DefenseAttacks, PaperAnalyses):
 
 
 def _without_families(identity: Optional[dict]) -> Optional[dict]:
-    """Resume compatibility ignores the attack families: adding one to a finished
-    evaluation runs just the new jobs (each job is named and seeded on its own)."""
+    """Resume compatibility ignores the attack families and the transfer sources: adding one
+    to a finished evaluation runs just the new jobs (each job is named and seeded on its own)."""
     if not identity:
         return identity
-    config = {"split": "test", **identity["config"]}  # evaluations from before --split were on the test set
-    return {**identity, "config": {k: v for k, v in config.items() if k != "families"}}
+    return {
+        **identity,
+        "config": {k: v for k, v in identity["config"].items() if k not in ("families", "transfer_from")},
+    }

@@ -29,11 +29,41 @@ class UndefendedAttacks:
         return intermediate_grid(self.N, states, c.unrolls, c.lams)
 
     def strongest_intermediate(self) -> IntermediateAttack:
-        """The grid attack with the lowest accuracy at the early state (ties: first)."""
-        grid = [a for a in self._grid() if a.name in self.jobs]
-        if not grid:
-            return IntermediateAttack(max(1, round(3 * self.N / 8)), 5, 0.5)
-        return min(grid, key=lambda a: self.jobs[a.name]["acc"]["acc"])
+        """The Eq. 11 surrogate of APGD and the adaptive attacks: the grid attack chosen on the
+        validation split (job ``surrogate``); without the grid, i = 3N/8, K_a = 5, lambda = 0.5."""
+        chosen = self.jobs.get("surrogate")
+        if chosen:
+            return IntermediateAttack(**chosen["surrogate"])
+        return IntermediateAttack(max(1, round(3 * self.N / 8)), 5, 0.5)
+
+    def _choose_surrogate(self) -> dict:
+        """Run the Eq. 11 grid on ``select_n`` validation images and keep the attack with the
+        lowest early-state accuracy (ties: the first). A choice made off the test subset is
+        the same in every shard of it."""
+        c = self.config
+        val = self._validation_split()
+        n = min(c.select_n, len(val))
+        x_all, y_all = val.images[:n].float().div(255.0), val.labels[:n]
+        grid = self._grid()
+        acc: Dict[str, float] = {}
+        with self._bar(n * len(grid), "Eq. 11 surrogate (validation)") as bar:
+            for a in grid:
+                correct = 0
+                for i in range(0, n, c.batch_size):
+                    x, y = x_all[i : i + c.batch_size].to(self.device), y_all[i : i + c.batch_size].to(self.device)
+                    gen = torch.Generator().manual_seed(seed_of(c.seed, "surrogate", a.name, i))
+                    x_adv = self._pgd(lambda xa, a=a, y=y: per_sample_ce(a.logits(self.model, xa), y), x, y, gen)
+                    correct += int((readout_logits(self.model, x_adv).argmax(-1) == y).sum())
+                    bar.update(len(y))
+                acc[a.name] = correct / n
+        best = min(grid, key=lambda a: acc[a.name])
+        return {
+            "attack": best.name,
+            "surrogate": asdict(best),
+            "val_n": n,
+            "val_acc": acc,
+            "split": "validation split of the checkpoint's training run",
+        }
 
     def _pgd(self, loss_fn, x, y, gen, steps=None, step_size=None, eps=None, random_start=True, x_init=None):
         c = self.config
@@ -57,7 +87,7 @@ class UndefendedAttacks:
         last: Dict[str, Tensor] = {}
 
         def fn(chunk, x, y):
-            gen = torch.Generator().manual_seed(seed_of(self.config.seed, name, int(chunk[0])))
+            gen = torch.Generator().manual_seed(self._seed(name, chunk))
 
             def loss_fn(xa):
                 real, loss = surrogate(xa, y)

@@ -52,6 +52,11 @@ MODEL_PRESETS: Dict[str, tuple] = {
         dict(widths=(16, 32, 64), blocks=3),
         "explicit ResNet-20 (He et al. 2016), 0.27M parameters, in the DEQ interface (N = 1)",
     ),
+    "resnet-peer": (
+        ExplicitResNet,
+        dict(widths=(15, 30, 60), blocks=3),
+        "explicit ResNet-20 at widths 15/30/60 (0.24M parameters): the peer of deq-small, +3.5% parameters",
+    ),
     "mdeq-small": (
         MDEQ,
         dict(
@@ -84,6 +89,12 @@ MODEL_PRESETS: Dict[str, tuple] = {
         LyaDEQ,
         dict(backbone="tiny", dim=64, hidden=128, solver="anderson", solver_kwargs={"m": 5}, n_steps=30),
         "LyaDEQ with a 3-layer conv feature extractor, Anderson m=5",
+    ),
+    "lyadeq-small": (
+        LyaDEQ,
+        dict(backbone="resnet20", backbone_widths=(14, 28, 56), dim=64, hidden=128, solver="anderson",
+             solver_kwargs={"m": 5}, n_steps=30),  # fmt: skip
+        "LyaDEQ with ResNet-20 features at widths 14/28/56 (0.24M): deq-small's size class, Anderson m=5, N=30",
     ),
     "lyadeq-resnet20": (
         LyaDEQ,

@@ -131,6 +131,7 @@ class LyaDEQ(DEQModel):
     def __init__(
         self,
         backbone: str = "tiny",
+        backbone_widths=(16, 32, 64),
         dim: int = 64,
         hidden: int = 128,
         icnn_hidden: int = 64,
@@ -157,7 +158,8 @@ class LyaDEQ(DEQModel):
             raise ValueError("stability_steps must be >= 1")
         self.num_classes, self.dim = num_classes, dim
         self.alpha, self.stability_steps, self.step_size = float(alpha), int(stability_steps), float(step_size)
-        features = TinyFeatures(dim) if backbone == "tiny" else ResNet20Features(dim)
+        widths = tuple(int(w) for w in backbone_widths)
+        features = TinyFeatures(dim, widths) if backbone == "tiny" else ResNet20Features(dim, widths)
         self.features = nn.Sequential(Normalize(), features)
         # DEQ layer, paper 2 Eq. 11: f(z, x) = BN(ReLU(x + W2 BN(ReLU(W1 z + b1)) + b2))
         self.W1 = nn.Linear(dim, hidden)

@@ -110,7 +110,10 @@ def observations(
     handler_seconds: float,
     batch_size: int,
 ) -> List[Observation]:
-    """(metric name, value, dimension values) for one handled batch."""
+    """(metric name, value, dimension values) for one handled batch. Histograms get one
+    observation per request; counters get one per batch and label set, carrying the count:
+    each observation is a log line that TorchServe's frontend parses, so a batch of 8 plain
+    requests costs 25 lines instead of 49."""
     out: List[Observation] = [("robustdeq_batch_size", float(batch_size), (model,))]
     for err in rejected:
         out.append(("robustdeq_rejected_requests_total", 1.0, (model, err.reason, str(err.status))))
@@ -138,7 +141,21 @@ def observations(
     for name, _, dims in out:
         if len(dims) != len(_BY_NAME[name].dimensions):
             raise AssertionError(f"{name}: {len(dims)} dimension values for {_BY_NAME[name].dimensions}")
-    return out
+    return _sum_counters(out)
+
+
+def _sum_counters(items: List[Observation]) -> List[Observation]:
+    """Merge the counter increments of one batch that share a name and labels (first-seen order)."""
+    counts: Dict[Tuple[str, Tuple[str, ...]], float] = {}
+    out: List[Observation] = []
+    for name, value, dims in items:
+        if _BY_NAME[name].kind != "counter":
+            out.append((name, value, dims))
+        elif (name, dims) in counts:
+            counts[(name, dims)] += value
+        else:
+            counts[(name, dims)] = value
+    return out + [(name, value, dims) for (name, dims), value in counts.items()]
 
 
 def _section(title: str, rows) -> List[str]:

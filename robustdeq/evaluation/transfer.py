@@ -1,0 +1,93 @@
+"""Cross-model transfer (family ``cross-model``): the strongest inputs another evaluation found
+against ITS undefended model, fed to this model with and without each defense.
+
+A white-box attack that fails because the gradient is masked usually still transfers from a
+model whose gradient is not; paper 1's transfer table (Table 3) stays within one model, so
+this is the check it leaves out. Sources are finished evaluations of the same subset
+(``--transfer-from LABEL=FOLDER``); their per-sample inputs count in this model's worst case.
+The inputs taken from a source are its white-box best: inputs it received by transfer itself
+are kept apart (``none/white-box`` snapshot), so that A -> B -> A never replays A's own attacks.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+from ..attacks import margin
+from ..stats import correct_string
+from .adaptive import readout_logits
+from .common import BestInput
+
+#: the key under which an evaluation keeps its own white-box best once it has received transfers
+WHITE_BOX_KEY = "none/white-box"
+
+
+def parse_source(text: str) -> Tuple[str, str]:
+    """``LABEL=FOLDER`` or ``FOLDER`` (label: the folder's name)."""
+    label, sep, folder = text.partition("=")
+    if not sep:
+        label, folder = Path(text).name, text
+    if not label or not folder:
+        raise ValueError(f"--transfer-from takes LABEL=FOLDER or FOLDER, got {text!r}")
+    return label, folder
+
+
+class CrossModelTransfer:
+    """Mixin of :class:`~robustdeq.evaluation.suite.Evaluator`: one job per transfer source."""
+
+    def _source_inputs(self, folder: str) -> Tuple[Tensor, dict]:
+        """This process's slice of the source's white-box best inputs, after checking that the
+        source evaluated the same images under the same threat model."""
+        path = Path(folder)
+        if not (path / "state.json").is_file():
+            raise FileNotFoundError(f"transfer source {folder}: no evaluation there (state.json missing)")
+        state = json.loads((path / "state.json").read_text())
+        ident = state["identity"]
+        if ident.get("shard"):
+            raise ValueError(f"transfer source {folder} is one shard; merge its shards first")
+        if ident["subset_id"] != self.subset_id:
+            raise ValueError(f"transfer source {folder} evaluated other images (subset {ident['subset_id']}, "
+                             f"here {self.subset_id}): use the same --n, --seed and --split")  # fmt: skip
+        if abs(ident["config"]["eps"] - self.config.eps) > 1e-9:
+            raise ValueError(f"transfer source {folder} attacked at eps {ident['config']['eps']:.5f}, "
+                             f"here {self.config.eps:.5f}")  # fmt: skip
+        tensors = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        key = WHITE_BOX_KEY if f"{WHITE_BOX_KEY}/x" in tensors else "none"
+        x_src = tensors[f"{key}/x"][self.offset : self.offset + self.n].float()
+        if float((x_src - self.x).abs().amax()) > self.config.eps + 1e-5:
+            raise ValueError(f"transfer source {folder}: its inputs leave the eps ball around these images")
+        meta = {"folder": str(path), "checkpoint_sha256": ident["checkpoint_sha256"], "source_key": key}
+        return x_src, meta
+
+    def _transfer_in(self, label: str, folder: str) -> dict:
+        """Score the source's inputs on the undefended model and on every defense (all images,
+        not only the survivors, so that each accuracy stands on its own); update the worst cases."""
+        x_src, meta = self._source_inputs(folder)
+        if WHITE_BOX_KEY not in self.best:  # this model's own white-box best, before any transfer
+            self.best[WHITE_BOX_KEY] = BestInput(self.best["none"].x, self.best["none"].margin)
+        name = f"cross-model/{label}"
+
+        def plain(chunk, x, y):
+            return margin(readout_logits(self.model, x), y)
+
+        m = self._map(plain, x_src, self._all(), f"{name} -> none")
+        self.best["none"].update(self._all(), x_src, m)
+        correct = m <= 0
+        out = {
+            "source": {"label": label, **meta},
+            "acc": self._prop(correct),
+            "correct": correct_string(correct.tolist()),
+            "worst_case_so_far": self._prop(self._robust(None)),
+            "defenses": {},
+        }
+        for d in self.defenses:
+            md = self._evaluate_candidates(d, x_src, self._all(), f"{name} -> {d.name}")
+            ok = md <= 0
+            out["defenses"][d.name] = {**self._prop(ok), "correct": correct_string(ok.tolist()),
+                                       "worst_case_so_far": self._prop(self._robust(d))}  # fmt: skip
+        return out
