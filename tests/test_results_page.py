@@ -1,0 +1,56 @@
+"""docs/results.md and the RobustBench exports are generated from the committed results and current."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from robustdeq.data import PROJECT_ROOT
+from robustdeq.evaluation.results_page import MODELS, PAIRS, render_page, robustbench_entries, write_page
+
+REGENERATE = "python -m robustdeq.evaluation.results_page"
+#: the keys of RobustBench's model_info files (model_info/cifar10/Linf/*.json in its repository)
+ROBUSTBENCH_KEYS = {
+    "link", "name", "authors", "additional_data", "number_forward_passes", "dataset", "venue", "architecture", "eps",
+    "clean_acc", "reported", "autoattack_acc", "footnote", "unreliable",
+}  # fmt: skip
+
+
+def test_the_committed_page_and_exports_are_current():
+    page = PROJECT_ROOT / "docs" / "results.md"
+    assert page.read_text() == render_page(), f"docs/results.md is stale: run {REGENERATE}"
+    entries = robustbench_entries()
+    folder = PROJECT_ROOT / "docs" / "robustbench"
+    assert {p.stem for p in folder.glob("*.json")} == set(entries), f"stale exports: run {REGENERATE}"
+    for name, entry in entries.items():
+        assert json.loads((folder / f"{name}.json").read_text()) == entry, f"{name}.json is stale: run {REGENERATE}"
+
+
+def test_every_figure_comes_from_a_committed_result(tmp_path):
+    # a copy of the project with one evaluation: its numbers appear, the others are pending
+    recipe = "deq-tiny-trades-rs"
+    src = PROJECT_ROOT / "training" / "shipped" / recipe / "evaluation" / "results.json"
+    dst = tmp_path / "training" / "shipped" / recipe / "evaluation" / "results.json"
+    dst.parent.mkdir(parents=True)
+    shutil.copy(src, dst)
+    (tmp_path / "docs").mkdir()
+    written = write_page(tmp_path)
+    page = (tmp_path / "docs" / "results.md").read_text()
+    results = json.loads(src.read_text())
+    clean = 100 * results["settings"][0]["clean"]["acc"]
+    worst = 100 * results["settings"][0]["worst_case"]["acc"]
+    assert f"**{worst:.1f} [" in page and f"| {clean:.1f} [" in page
+    assert page.count("not evaluated yet") == len(MODELS) - 1
+    assert page.count("pending: not both evaluated") == len(PAIRS)
+    assert "Verdict.** Pending" in page
+    # the defended setting is exported separately from the plain model, in RobustBench's layout
+    names = sorted(p.stem for p in written if p.suffix == ".json")
+    assert names == [recipe, f"{recipe}-defense-T2-R10"]
+    for p in written[1:]:
+        entry = json.loads(p.read_text())
+        assert set(entry) == ROBUSTBENCH_KEYS
+        assert entry["eps"] == "8/255" and float(entry["autoattack_acc"]) <= float(entry["clean_acc"])
+    plain = json.loads((tmp_path / "docs" / "robustbench" / f"{recipe}.json").read_text())
+    defended = json.loads((tmp_path / "docs" / "robustbench" / f"{recipe}-defense-T2-R10.json").read_text())
+    assert plain["number_forward_passes"] == 1 < defended["number_forward_passes"]
+    assert plain["autoattack_acc"] == f"{worst:.2f}"
