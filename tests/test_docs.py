@@ -207,29 +207,41 @@ def test_the_readme_picture_is_reproducible(checkout):
 
 
 def test_shipped_scripts_call_real_recipes(tmp_path):
-    """train_shipped.sh and evaluate_shipped.sh (hours) with a stub in place of robustdeq: every
-    command they would run names a recipe and a checkpoint that exist, and their outputs land."""
+    """train_shipped.sh, evaluate_shipped.sh and evaluate_full_test.sh (hours) with a stub in place
+    of robustdeq: every command they would run names a recipe and a checkpoint that exist, models
+    not trained yet are skipped, and their outputs land."""
     root = tmp_path / "repo"
     shutil.copytree(PROJECT_ROOT / "training", root / "training", ignore=shutil.ignore_patterns("*.pt"))
+    trained = sorted(p.parent.name for p in (PROJECT_ROOT / "training" / "shipped").glob("*/model.pt"))
+    for recipe in trained:  # the scripts look for the checkpoints; the stub never reads them
+        (root / "training" / "shipped" / recipe / "model.pt").write_bytes(b"")
     stub = tmp_path / "robustdeq"
     stub.write_text(
         "#!/usr/bin/env bash\n"
         'echo "$@" >> "$STUB_LOG"\n'
         'out=""; prev=""; for a in "$@"; do [ "$prev" = "--out" ] && out=$a; prev=$a; done\n'
-        'if [ "$1" = evaluate ]; then mkdir -p "$out"; for f in results.json report.md plot.png robustness_card.json; '
-        'do echo "{}" > "$out/$f"; done; fi\n'
+        'case "$1" in evaluate|merge-shards) mkdir -p "$out"; for f in results.json report.md plot.png '
+        'robustness_card.json; do echo "{}" > "$out/$f"; done;; esac\n'
     )
     stub.chmod(0o755)
-    env = {**os.environ, "ROBUSTDEQ": str(stub), "RD": str(stub), "STUB_LOG": str(tmp_path / "log")}
+    env = {**os.environ, "ROBUSTDEQ": str(stub), "RD": str(stub), "PY": str(stub), "STUB_LOG": str(tmp_path / "log")}
     for script in ("train_shipped.sh", "evaluate_shipped.sh"):
         proc = subprocess.run(["bash", str(root / "training" / script)], env=env, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
     calls = (tmp_path / "log").read_text().splitlines()
     trains = [c for c in calls if c.startswith("train ")]
     evaluations = [c for c in calls if c.startswith("evaluate ")]
-    assert len(trains) == 4 and len(evaluations) == 3 and any(c.startswith("compare ") for c in calls)
+    assert len(trains) == 10 and any(c.startswith("compare ") for c in calls)
+    assert {re.search(r"shipped/([^/]+)/model.pt", c)[1] for c in evaluations} == set(trained) - {"lyadeq-tiny-clean"}
+    assert "-m robustdeq.evaluation.results_page" in calls
     for call in trains:
         assert (PROJECT_ROOT / re.search(r"--config (\S+)", call)[1]).is_file(), call
-    for call in evaluations:
-        assert (PROJECT_ROOT / re.search(r"--checkpoint (\S+)", call)[1]).is_file(), call
     assert (root / "training" / "shipped" / "comparisons.md").is_file()
+    # the full test set: two shards at once, then the merge, copied next to the checkpoint
+    env["RECIPE"] = trained[0]
+    proc = subprocess.run(["bash", str(root / "training" / "evaluate_full_test.sh")], env=env, capture_output=True,
+                          text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    calls = (tmp_path / "log").read_text().splitlines()
+    assert sum("--n 10000 --shard" in c for c in calls) == 2 and any(c.startswith("merge-shards") for c in calls)
+    assert (root / "training" / "shipped" / trained[0] / "evaluation-full" / "robustness_card.json").is_file()

@@ -1,55 +1,102 @@
 #!/usr/bin/env bash
-# Evaluate the shipped checkpoints on the same 1,000 seeded test images (the README's
-# robustness figures), then compare them pairwise with exact McNemar tests.
-#   bash training/evaluate_shipped.sh            # all three, resumable
-#   bash training/evaluate_shipped.sh deq-tiny-trades-rs
-# Full runs live in runs/eval/<recipe>; the report, plots, results and robustness card
-# are copied next to each checkpoint (training/shipped/<recipe>/).
+# Evaluate the shipped checkpoints on the same 1,000 seeded test images (the README's and
+# docs/results.md's robustness figures), add the cross-model transfers, compare the paired
+# models with exact McNemar tests, and regenerate docs/results.md.
+#   bash training/evaluate_shipped.sh                      # every trained recipe, resumable
+#   bash training/evaluate_shipped.sh deq-small-nfgsm-rs   # one recipe (its transfers too, where the sources exist)
+# Full runs live in runs/eval/<recipe>; the report, plots, results and robustness card are
+# copied next to each checkpoint (training/shipped/<recipe>/). A recipe without a model.pt
+# (not trained yet) is skipped with a note.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RD=${RD:-.venv/bin/robustdeq}
-# the other checkpoints get the same attacks on the undefended model as deq-tiny-trades-rs,
-# so their worst cases compare (the defense is evaluated on deq-tiny-trades-rs only)
+PY=${PY:-.venv/bin/python}
+# every model gets the same attacks on the undefended model, so that their worst cases compare;
+# the defense (2,10 and its gated variant) is evaluated adaptively on the defaults
 PLAIN_ATTACKS="pgd ifgsm intermediate apgd-ce apgd-t square"
+
+# the flags of each recipe's evaluation (the transfer pass must repeat them to resume it)
+flags() {
+    case "$1" in
+        deq-small-nfgsm-rs | deq-tiny-trades-rs) echo "" ;;  # everything, with the defense
+        lyadeq-* | *-clean) echo "--defense none --attacks $PLAIN_ATTACKS radii checks" ;;
+        *) echo "--defense none --attacks $PLAIN_ATTACKS checks" ;;
+    esac
+}
 
 evaluate() {
     local recipe=$1
     shift
-    "$RD" evaluate --checkpoint "training/shipped/$recipe/model.pt" --out "runs/eval/$recipe" "$@"
+    if [ ! -f "training/shipped/$recipe/model.pt" ]; then
+        echo "skip $recipe: not trained yet (bash training/train_shipped.sh $recipe)"
+        return 0
+    fi
+    # shellcheck disable=SC2046
+    "$RD" evaluate --checkpoint "training/shipped/$recipe/model.pt" --out "runs/eval/$recipe" $(flags "$recipe") "$@"
     mkdir -p "training/shipped/$recipe/evaluation"
     cp runs/eval/"$recipe"/{results.json,report.md} runs/eval/"$recipe"/*.png "training/shipped/$recipe/evaluation/"
     cp "runs/eval/$recipe/robustness_card.json" "training/shipped/$recipe/"
 }
 
+# cross-model transfer (docs/evaluation.md): TARGET SOURCE...; sources that were not evaluated are left out
+transfer() {
+    local target=$1 sources=()
+    shift
+    [ -f "runs/eval/$target/results.json" ] || return 0
+    for s in "$@"; do
+        [ -f "runs/eval/$s/results.json" ] && sources+=(--transfer-from "$s=runs/eval/$s")
+    done
+    [ ${#sources[@]} -gt 0 ] || return 0
+    # the same flags as the first pass (so it resumes), then only the new family
+    evaluate "$target" --attacks cross-model "${sources[@]}"
+}
+
 recipes=("$@")
-[ ${#recipes[@]} -gt 0 ] || recipes=(deq-tiny-trades-rs deq-tiny-trades lyadeq-tiny-trades)
+[ ${#recipes[@]} -gt 0 ] || recipes=(
+    deq-small-nfgsm-rs deq-small-nfgsm lyadeq-small-nfgsm-rs resnet-peer-nfgsm deq-small-clean lyadeq-small-clean
+    deq-tiny-trades-rs deq-tiny-trades lyadeq-tiny-trades
+)
 for recipe in "${recipes[@]}"; do
-    case "$recipe" in
-        deq-tiny-trades-rs) evaluate "$recipe" ;;  # everything, with the defense (2,10) and its gated variant
-        lyadeq-*) evaluate "$recipe" --defense none --attacks $PLAIN_ATTACKS radii ;;
-        *) evaluate "$recipe" --defense none --attacks $PLAIN_ATTACKS ;;
-    esac
+    evaluate "$recipe"
 done
+# the transfers of issue 16: the peer and the Sec. 3.3 baseline onto the default, and back;
+# the plain DEQ and the plain LyaDEQ onto each other (paper 2's claim)
+transfer deq-small-nfgsm-rs resnet-peer-nfgsm deq-small-nfgsm
+transfer resnet-peer-nfgsm deq-small-nfgsm-rs
+transfer deq-small-nfgsm deq-small-nfgsm-rs
+transfer lyadeq-small-clean deq-small-clean
+transfer deq-small-clean lyadeq-small-clean
 
 out=training/shipped/comparisons.md
 {
     echo "# Paired comparisons of the shipped checkpoints"
     echo
     echo "Same 1,000 seeded CIFAR-10 test images; exact McNemar tests on per-sample correctness."
-    echo "Produced by \`bash training/evaluate_shipped.sh\`."
+    echo "Produced by \`bash training/evaluate_shipped.sh\`; docs/results.md sets them next to the papers."
     compare_pair() {
-        local a=$1 b=$2
-        shift 2
+        local title=$1 a=$2 b=$3
+        shift 3
         if [ -f "runs/eval/$a/results.json" ] && [ -f "runs/eval/$b/results.json" ]; then
-            echo; echo "## $a vs $b"; echo
+            echo; echo "## $title: $a vs $b"; echo
             "$RD" compare "runs/eval/$a" "runs/eval/$b" --metric "$@"
         fi
     }
-    compare_pair deq-tiny-trades deq-tiny-trades-rs clean attack/pgd-ready attack/apgd-ce attack/square worst/none
-    compare_pair deq-tiny-trades-rs lyadeq-tiny-trades clean attack/pgd-ready attack/apgd-ce attack/square worst/none
-    if [ -f runs/eval/deq-tiny-trades-rs/results.json ]; then
-        echo; echo "## deq-tiny-trades-rs: defense settings vs none"; echo
-        "$RD" compare runs/eval/deq-tiny-trades-rs
-    fi
+    METRICS="clean attack/pgd-ready attack/apgd-ce attack/square worst/none"
+    # shellcheck disable=SC2086
+    {
+        compare_pair "Sec. 3.3 vs its baseline" deq-small-nfgsm deq-small-nfgsm-rs $METRICS
+        compare_pair "LyaDEQ vs DEQ" deq-small-nfgsm-rs lyadeq-small-nfgsm-rs $METRICS
+        compare_pair "DEQ vs the explicit peer" resnet-peer-nfgsm deq-small-nfgsm-rs $METRICS
+        compare_pair "plain LyaDEQ vs plain DEQ" deq-small-clean lyadeq-small-clean $METRICS
+        compare_pair "Sec. 3.3 vs its baseline, previous tiny models" deq-tiny-trades deq-tiny-trades-rs $METRICS
+        compare_pair "LyaDEQ vs DEQ, previous tiny models" deq-tiny-trades-rs lyadeq-tiny-trades $METRICS
+    }
+    for d in deq-small-nfgsm-rs deq-tiny-trades-rs; do
+        if [ -f "runs/eval/$d/results.json" ]; then
+            echo; echo "## $d: defense settings vs none"; echo
+            "$RD" compare "runs/eval/$d"
+        fi
+    done
 } > "$out"
 echo "wrote $out"
+"$PY" -m robustdeq.evaluation.results_page

@@ -1,15 +1,42 @@
 #!/usr/bin/env bash
-# Train (or resume) the four shipped default checkpoints into training/shipped/<recipe>/.
-# Each run resumes from its last.pt, so this script can be stopped and started again.
-# Usage: bash training/train_shipped.sh [recipe ...]   (default: all four, one after another)
+# Train (or resume) the shipped checkpoints into training/shipped/<recipe>/. Each run resumes
+# from its last.pt, so this script can be stopped and started again.
+# Usage: bash training/train_shipped.sh [recipe ...]   (default: every shipped recipe, in order)
+#   TIME_LIMIT=150 bash training/train_shipped.sh deq-small-nfgsm-rs   # one chunk: stop resumably after 150 min
+#   JOBS=2 bash training/train_shipped.sh deq-small-nfgsm-rs deq-small-nfgsm   # two runs at once (one core each)
+# The issue-15 recipes are set to one thread each (run.threads: 1): two of them share 2 cores
+# without slowing each other, where two 2-thread runs would.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROBUSTDEQ="${ROBUSTDEQ:-.venv/bin/robustdeq}"
+JOBS="${JOBS:-1}"
 recipes=("$@")
 if [ ${#recipes[@]} -eq 0 ]; then
-  recipes=(deq-tiny-trades-rs deq-tiny-trades lyadeq-tiny-trades lyadeq-tiny-clean)
+  recipes=(
+    deq-small-nfgsm-rs deq-small-nfgsm lyadeq-small-nfgsm-rs resnet-peer-nfgsm  # equal budget B (issue 15)
+    deq-small-clean lyadeq-small-clean                                         # plain-trained, paper 2's protocol
+    deq-tiny-trades-rs deq-tiny-trades lyadeq-tiny-trades lyadeq-tiny-clean     # the previous tiny set (fast lane)
+  )
 fi
+limit=()
+[ -z "${TIME_LIMIT:-}" ] || limit=(--time-limit "$TIME_LIMIT")
+train() {
+  local r=$1
+  mkdir -p "training/shipped/$r"
+  echo "robustdeq train --config training/configs/$r.yaml --out training/shipped/$r ${limit[*]}" >> "training/shipped/$r/command.txt"
+  "$ROBUSTDEQ" train --config "training/configs/$r.yaml" --out "training/shipped/$r" "${limit[@]}" --no-progress \
+    > "training/shipped/$r/train.out" 2>&1
+  echo "== $r: $(tail -n 1 "training/shipped/$r/train.out")"
+}
+running=0
 for r in "${recipes[@]}"; do
-  echo "== $r"
-  "$ROBUSTDEQ" train --config "training/configs/$r.yaml" --out "training/shipped/$r"
+  [ -f "training/configs/$r.yaml" ] || { echo "unknown recipe $r (no training/configs/$r.yaml)" >&2; exit 2; }
+  if [ "$JOBS" -gt 1 ]; then
+    train "$r" &
+    running=$((running + 1))
+    if [ "$running" -ge "$JOBS" ]; then wait -n; running=$((running - 1)); fi
+  else
+    train "$r"
+  fi
 done
+wait

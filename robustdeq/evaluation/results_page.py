@@ -84,8 +84,8 @@ _AA = ("attack/apgd-ce", "attack/apgd-t", "attack/square")
 
 
 # ---- reading ------------------------------------------------------------------------------
-def _load(root: Path, recipe: str) -> Optional[dict]:
-    path = root / "training" / "shipped" / recipe / "evaluation" / "results.json"
+def _load(root: Path, recipe: str, folder: str = "evaluation") -> Optional[dict]:
+    path = root / "training" / "shipped" / recipe / folder / "results.json"
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -175,11 +175,18 @@ def _headline(L: List[str], results: Dict[str, Optional[dict]], root: Path) -> N
             continue
         d = _defended(r)
         defended = f"{d['name']}: {_pct(_from_dict(d['worst_case']))}" if d else "–"
-        add(
-            f"| `{m.recipe}` | {m.role} | {cpu_h} | {_pct(_acc(r, 'clean'))} | {_pct(_acc(r, 'attack/pgd-ready'))} | "
-            f"{_pct(_all_of(r, _AA))} | **{_pct(_acc(r, 'worst/none'))}** | {defended} | {r['subset']['n']} | "
-            f"[results](../training/shipped/{m.recipe}/evaluation/results.json) |"
-        )
+        add(_model_row(m.recipe, m.role, cpu_h, r, defended, "evaluation"))
+        full = _load(root, m.recipe, "evaluation-full")
+        if full is not None:  # the full test set, sharded (training/evaluate_full_test.sh)
+            add(_model_row(m.recipe, "the same, full test set (sharded)", cpu_h, full, "–", "evaluation-full"))
+
+
+def _model_row(recipe: str, role: str, cpu_h: str, r: dict, defended: str, folder: str) -> str:
+    return (
+        f"| `{recipe}` | {role} | {cpu_h} | {_pct(_acc(r, 'clean'))} | {_pct(_acc(r, 'attack/pgd-ready'))} | "
+        f"{_pct(_all_of(r, _AA))} | **{_pct(_acc(r, 'worst/none'))}** | {defended} | {r['subset']['n']} | "
+        f"[results](../training/shipped/{recipe}/{folder}/results.json) |"
+    )
 
 
 def _from_dict(d: dict) -> Proportion:

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The default DEQ's undefended worst case on the full CIFAR-10 test set (10,000 images, a
+# +-1-point interval instead of the 1,000-image evaluation's +-3), sharded over processes
+# and merged (docs/evaluation.md, "Sharding a large evaluation").
+#   bash training/evaluate_full_test.sh                 # 2 shards at once, one thread each
+#   SHARDS=10 JOBS=2 bash training/evaluate_full_test.sh  # 10 shards, 2 at a time (resumable per shard)
+#   RECIPE=deq-small-nfgsm bash training/evaluate_full_test.sh
+# The shards can also run on other machines: copy runs/eval-full/<recipe>/shard-<i>/ back and rerun.
+# Result: training/shipped/<recipe>/evaluation-full/ (results.json, report.md, robustness_card.json).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RD=${RD:-.venv/bin/robustdeq}
+RECIPE=${RECIPE:-deq-small-nfgsm-rs}
+SHARDS=${SHARDS:-2}
+JOBS=${JOBS:-2}
+N=${N:-10000}
+ATTACKS="pgd ifgsm intermediate apgd-ce apgd-t square"
+ckpt="training/shipped/$RECIPE/model.pt"
+[ -f "$ckpt" ] || { echo "no $ckpt: train it first (bash training/train_shipped.sh $RECIPE)" >&2; exit 2; }
+base="runs/eval-full/$RECIPE"
+mkdir -p "$base"
+running=0
+for ((i = 0; i < SHARDS; i++)); do
+    # shellcheck disable=SC2086
+    "$RD" evaluate --checkpoint "$ckpt" --n "$N" --shard "$i/$SHARDS" --defense none --attacks $ATTACKS \
+        --threads 1 --no-progress --out "$base/shard-$i" > "$base-shard-$i.log" 2>&1 &
+    running=$((running + 1))
+    if [ "$running" -ge "$JOBS" ]; then wait -n; running=$((running - 1)); fi
+done
+wait
+shards=()
+for ((i = 0; i < SHARDS; i++)); do shards+=("$base/shard-$i"); done
+"$RD" merge-shards --out "$base/merged" "${shards[@]}"
+mkdir -p "training/shipped/$RECIPE/evaluation-full"
+cp "$base"/merged/{results.json,report.md,robustness_card.json} "training/shipped/$RECIPE/evaluation-full/"
+echo "wrote training/shipped/$RECIPE/evaluation-full/"
