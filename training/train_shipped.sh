@@ -15,6 +15,7 @@ if [ ${#recipes[@]} -eq 0 ]; then
   recipes=(
     deq-small-nfgsm-rs deq-small-nfgsm lyadeq-small-nfgsm-rs resnet-peer-nfgsm  # equal budget B (issue 15)
     deq-small-clean lyadeq-small-clean                                         # plain-trained, paper 2's protocol
+    deq-small-nfgsm-rs-long                                                    # the default's own ~8 CPU-hour run
     deq-tiny-trades-rs deq-tiny-trades lyadeq-tiny-trades lyadeq-tiny-clean     # the previous tiny set (fast lane)
   )
 fi
