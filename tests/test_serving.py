@@ -368,7 +368,9 @@ def test_handler_answers_a_mixed_batch_and_rejects_only_the_bad_items(worker, ci
     # the metrics went to TorchServe's metric log lines, with the declared names and dimensions
     emitted = "\n".join(r.getMessage() for r in caplog.records)
     assert "robustdeq_rejected_requests_total.Count:1.0|#ModelName:deq-tiny-defended,Reason:corrupt_image" in emitted
-    assert "robustdeq_defended_requests_total.Count:1.0|#ModelName:deq-tiny-defended,Mode:on" in emitted
+    # a and e were both defended: one line per batch and label set carries the count
+    assert "robustdeq_defended_requests_total.Count:2.0|#ModelName:deq-tiny-defended,Mode:on" in emitted
+    assert emitted.count("robustdeq_defended_requests_total.") == 1
 
 
 def test_kserve_v1_instances_are_one_request_with_several_inputs(worker, cifar_test):

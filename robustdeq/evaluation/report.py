@@ -289,11 +289,14 @@ def markdown_report(r: dict, plots: Dict[str, str]) -> str:
             continue
         add(f"\n## Adaptive attacks on {s['name']}\n")
         add("Each attack runs on the images that survived everything before it.\n")
-        add("| attack | surrogate | attacked | flipped | robust after |")
-        add("|---|---|---|---|---|")
+        add("| attack | surrogate | attacked | flipped | robust after | time (s) | s per attacked image |")
+        add("|---|---|---|---|---|---|---|")
         for c in s["chain"]:
             sur = c.get("surrogate") or "–"
-            add(f"| {c['attack']} | {sur} | {c['attacked']} | {c['flipped']} | {_pct(c['after'])} |")
+            secs = c.get("seconds")
+            per = f"{secs / c['attacked']:.1f}" if secs is not None and c["attacked"] else "–"
+            add(f"| {c['attack']} | {sur} | {c['attacked']} | {c['flipped']} | {_pct(c['after'])} | "
+                f"{'–' if secs is None else f'{secs:.0f}'} | {per} |")  # fmt: skip
     if r.get("cross_model"):
         names = [s["name"] for s in r["settings"]]
         add("\n## Transfer from other models\n")
