@@ -92,8 +92,15 @@ MODEL_PRESETS: Dict[str, tuple] = {
     ),
     "lyadeq-small": (
         LyaDEQ,
-        dict(backbone="resnet20", backbone_widths=(14, 28, 56), dim=64, hidden=128, solver="anderson",
-             solver_kwargs={"m": 5}, n_steps=30),  # fmt: skip
+        dict(
+            backbone="resnet20",
+            backbone_widths=(14, 28, 56),
+            dim=64,
+            hidden=128,
+            solver="anderson",
+            solver_kwargs={"m": 5},
+            n_steps=30,
+        ),  # fmt: skip
         "LyaDEQ with ResNet-20 features at widths 14/28/56 (0.24M): deq-small's size class, Anderson m=5, N=30",
     ),
     "lyadeq-resnet20": (
