@@ -57,7 +57,7 @@ loadtest: setup  ## Locust against its own server: saturation, defended, isolati
 loadtest-batching: setup  ## saturation per plain-lane batching configuration (~8 min)
 	$(VENV)/bin/robustdeq loadtest --scenario batching --users 8 32 64 --stage-seconds 15 --out runs/loadtest/batching
 
-train-shipped: setup  ## train (or resume) the four shipped checkpoints into training/shipped/ (hours on 2 cores)
+train-shipped: setup  ## train (or resume) the shipped checkpoints into training/shipped/ (CPU-hours; TIME_LIMIT=150 JOBS=2 for chunks)
 	bash training/train_shipped.sh
 
 evaluate-shipped: setup  ## the README's robustness figures: evaluate the shipped checkpoints (about 1.5 h on 2 cores)
