@@ -136,6 +136,10 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path, cifar_train):
     for key in a.state_dict:
         assert torch.allclose(a.state_dict[key], b.state_dict[key], atol=1e-6), key
     assert [r["loss"] for r in records(full, "step")] == pytest.approx([r["loss"] for r in records(split, "step")])
+    # the stop is logged as the end of a chunk (the account of long runs is read from these)
+    (chunk,) = records(split, "chunk")
+    assert (chunk["step"], chunk["steps_this_call"], chunk["reason"]) == (4, 4, "--max-steps 4")
+    assert chunk["cpu_s"] > 0 and not records(full, "chunk")
     with pytest.raises(ValueError, match="different recipe.*objective.kind"):
         tiny_trainer("deq-tiny-pgd", split, "optim.epochs=2")
 

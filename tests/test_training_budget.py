@@ -210,3 +210,29 @@ def test_the_step_profile_names_every_part_and_the_attack_dominates_pgd10():
     assert attack > 0.4 * sum(parts.values())  # ten attack iterations against one loss pass
     table = format_profile(prof, batch=16)
     assert "| TRADES clean target |" in table and "samples/s" in table
+
+
+def test_the_long_run_account_splits_runs_into_chunks(tmp_path):
+    from robustdeq.training.long_runs import chunk_rows, markdown_table
+
+    run = tmp_path / "deq-small-nfgsm-rs"
+    run.mkdir()
+    log = [
+        {"type": "step", "step": 10, "phase": "train", "samples_per_s": 60.0, "cpu_s": 100, "wall_s": 60},
+        {"type": "epoch", "epoch": 1, "val_clean_acc": 0.30, "val_pgd_acc": 0.20, "cpu_s": 200, "wall_s": 110},
+        {"type": "chunk", "step": 15, "reason": "--time-limit", "cpu_s": 250, "wall_s": 140},
+        {"type": "step", "step": 20, "phase": "train", "samples_per_s": 70.0, "cpu_s": 300, "wall_s": 170},
+        {"type": "epoch", "epoch": 2, "val_clean_acc": 0.40, "val_pgd_acc": 0.25, "cpu_s": 3600, "wall_s": 1800},
+    ]
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    (run / "config.yaml").write_text("optim:\n  epochs: 2\n")
+    rows = chunk_rows(run)
+    assert [(r["chunk"], r["status"], r["epoch"], r["samples_per_s"]) for r in rows] == [
+        (1, "stopped", 1, 60.0), (2, "running", 2, 70.0)
+    ]  # fmt: skip
+    assert rows[1]["cpu_h"] == 1.0 and rows[0]["val_pgd"] == 0.20
+    (run / "summary.json").write_text("{}")
+    (run / "model.pt").write_bytes(b"")
+    assert chunk_rows(run)[-1]["status"] == "finished"
+    table = markdown_table(tmp_path, ["deq-small-nfgsm-rs", "resnet-peer-nfgsm"])
+    assert "| `deq-small-nfgsm-rs` | 2 | finished | 2 of 2 | 1.00 |" in table and "not started" in table

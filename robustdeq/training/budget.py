@@ -183,14 +183,14 @@ def plot_pilots(pilots: List[Pilot], path: Path) -> Path:
     return path
 
 
-def update_document(doc: Path, table: str) -> None:
-    """Replace the text between the table markers of ``doc`` (which must have them)."""
+def update_document(doc: Path, table: str, start: str = START, end: str = END) -> None:
+    """Replace the text between the ``start`` and ``end`` markers of ``doc`` (which must have them)."""
     text = doc.read_text()
-    if START not in text or END not in text:
-        raise ValueError(f"{doc} has no {START} ... {END} markers")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    doc.write_text(f"{head}{START}\n{table}{END}{tail}")
+    if start not in text or end not in text:
+        raise ValueError(f"{doc} has no {start} ... {end} markers")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    doc.write_text(f"{head}{start}\n{table}{end}{tail}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

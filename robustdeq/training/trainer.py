@@ -436,6 +436,9 @@ class Trainer:
                 return self._finish()
             completed = self.step >= self.total_steps
             if not completed:
+                # the end of a chunk: what this call trained, for the chunk-by-chunk account of long runs
+                self._log({"type": "chunk", "step": self.step, "total_steps": self.total_steps,
+                           "steps_this_call": steps_this_call, "reason": self._stop_reason})  # fmt: skip
                 self._checkpoint(self.out_dir / "last.pt", with_state=True)
                 if self.dist.main:
                     print(
