@@ -156,22 +156,29 @@ def markdown_table(pilots: List[Pilot]) -> str:
 
 
 def plot_pilots(pilots: List[Pilot], path: Path) -> Path:
+    series = [(p.name, p.curve, None if p.worst is None else (p.cpu_hours, p.worst)) for p in pilots]
+    return plot_curves(series, path, "robust accuracy per CPU-hour (stars: final worst of PGD-10 / APGD-CE)")
+
+
+def plot_curves(series, path: Path, title: str) -> Path:
+    """Validation PGD-10 (left) and clean accuracy (right) against CPU-hours; ``series`` holds
+    (label, [(cpu_hours, clean, pgd), ...], optional (cpu_hours, final worst) star)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax_rob, ax_clean) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for p in pilots:
-        if not p.curve:
+    for label, curve, star in series:
+        if not curve:
             continue
-        hours = [c[0] for c in p.curve]
-        (line,) = ax_rob.plot(hours, [100 * c[2] for c in p.curve], marker="o", ms=3, label=p.name)
-        ax_clean.plot(hours, [100 * c[1] for c in p.curve], marker="o", ms=3, color=line.get_color())
-        if p.worst is not None:
-            ax_rob.scatter([p.cpu_hours], [100 * p.worst], marker="*", s=120, color=line.get_color(), zorder=3)
+        hours = [c[0] for c in curve]
+        (line,) = ax_rob.plot(hours, [100 * c[2] for c in curve], marker="o", ms=3, label=label)
+        ax_clean.plot(hours, [100 * c[1] for c in curve], marker="o", ms=3, color=line.get_color())
+        if star is not None:
+            ax_rob.scatter([star[0]], [100 * star[1]], marker="*", s=120, color=line.get_color(), zorder=3)
     ax_rob.set(xlabel="CPU-hours (process CPU time, all threads)", ylabel="validation PGD-10 accuracy (%)")
-    ax_rob.set_title("robust accuracy per CPU-hour (stars: final worst of PGD-10 / APGD-CE)", fontsize=9)
+    ax_rob.set_title(title, fontsize=9)
     ax_clean.set(xlabel="CPU-hours (process CPU time, all threads)", ylabel="validation clean accuracy (%)")
     for ax in (ax_rob, ax_clean):
         ax.grid(alpha=0.3)

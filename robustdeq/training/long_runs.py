@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from ..data import PROJECT_ROOT
-from .budget import update_document
+from .budget import plot_curves, update_document
 
 __all__ = ["RUNS", "chunk_rows", "markdown_table", "plot_runs", "main"]
 
@@ -115,29 +115,11 @@ def markdown_table(root: Path, runs: Sequence[str] = RUNS) -> str:
 
 
 def plot_runs(root: Path, path: Path, runs: Sequence[str] = RUNS) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_rob, ax_clean) = plt.subplots(1, 2, figsize=(12, 4.5))
+    series = []
     for run in runs:
         epochs = [r for r in _records(root / run) if r["type"] == "epoch" and r.get("val_pgd_acc") is not None]
-        if not epochs:
-            continue
-        hours = [r["cpu_s"] / 3600 for r in epochs]
-        (line,) = ax_rob.plot(hours, [100 * r["val_pgd_acc"] for r in epochs], marker="o", ms=3, label=run)
-        ax_clean.plot(hours, [100 * r["val_clean_acc"] for r in epochs], marker="o", ms=3, color=line.get_color())
-    ax_rob.set(xlabel="CPU-hours", ylabel="validation PGD-10 accuracy (%)", title="long runs: robust accuracy")
-    ax_clean.set(xlabel="CPU-hours", ylabel="validation clean accuracy (%)", title="long runs: clean accuracy")
-    for ax in (ax_rob, ax_clean):
-        ax.grid(alpha=0.3)
-    ax_rob.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+        series.append((run, [(r["cpu_s"] / 3600, r["val_clean_acc"], r["val_pgd_acc"]) for r in epochs], None))
+    return plot_curves(series, path, "long runs: validation accuracy per CPU-hour")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
