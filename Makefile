@@ -60,7 +60,7 @@ loadtest-batching: setup  ## saturation per plain-lane batching configuration (~
 train-shipped: setup  ## train (or resume) the shipped checkpoints into training/shipped/ (CPU-hours; TIME_LIMIT=150 JOBS=2 for chunks)
 	bash training/train_shipped.sh
 
-evaluate-shipped: setup  ## the README's robustness figures: evaluate the shipped checkpoints (about 1.5 h on 2 cores)
+evaluate-shipped: setup  ## the robustness figures (docs/results.md): evaluate the shipped checkpoints (about 1.5 h on 2 cores)
 	bash training/evaluate_shipped.sh
 
 clean:  ## remove the virtual environment and caches

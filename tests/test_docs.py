@@ -4,11 +4,13 @@
   looks like a checkout (the repository's .venv, model store and serving files linked in):
   ``make serve``, the curl and Python client calls, ``robustdeq card``, ``make stop``. A block
   marked ``<!-- docs-test: output -->`` must equal the output of the block before it.
-- Every other command in the README (in ``bash`` blocks or inline code) must be matched by
+- Every other command in the README and the reference pages under docs/ (in ``bash`` blocks or
+  inline code) must be matched by
   ``COVERED`` to the test that exercises the same command here, or to ``.ci/run``. Commands
   that need Docker, a cluster or GPUs map to the tests that check what can be checked without
   them (tests/test_docker.py, tests/test_k8s.py, the 2-process torchrun test).
-- Links to files and anchors inside the README resolve.
+- Links to files and anchors in the README, in docs/ and in every folder's README resolve
+  (anchors in other Markdown files too).
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ from robustdeq.serving.runfolder import ServerError
 from robustdeq.serving.server import Ports, _ports_free
 
 README = PROJECT_ROOT / "README.md"
+#: the pages whose commands must be exercised: the README and the reference under docs/
+COMMAND_PAGES = [README, *sorted((PROJECT_ROOT / "docs").glob("*.md"))]
+#: the pages whose links must resolve: those and every folder's README
+PAGES = [*COMMAND_PAGES, *sorted(p for p in PROJECT_ROOT.glob("*/**/README.md") if ".venv" not in p.parts)]
 MARKER = re.compile(r"<!-- docs-test: (\w+) -->\n```(\w*)\n(.*?)```", re.S)
 COMMAND_PREFIXES = (
     "make ",
@@ -39,6 +45,7 @@ COMMAND_PREFIXES = (
     "pytest ",
 )
 
+SHELL_SYNTAX = {"for", "do", "done", "while", "if", "then", "else", "fi", "wait"}
 DOCS = "tests/test_docs.py::test_quick_readme_blocks_run"
 CI = ".ci/run"
 RD = r"(\.venv/bin/)?robustdeq "
@@ -65,6 +72,8 @@ COVERED = [
     (r"torchrun\b", "tests/test_training.py::test_torchrun_two_process_gloo"),
     (RD + "accuracy\\b", "tests/test_cli.py::test_accuracy_command_reads_a_checkpoint"),
     (RD + "evaluate\\b", "tests/test_evaluation.py::test_evaluation_end_to_end"),
+    (RD + "merge-shards\\b", "tests/test_shards.py::test_sharded_run_equals_one_process"),
+    (RD + "models\\b", "tests/test_cli.py::test_models_lists_every_preset"),
     (RD + "compare\\b", "tests/test_evaluation.py::test_cli_compare_prints_mcnemar_table"),
     (RD + "card\\b", "tests/test_cli.py::test_card_prints_the_trade_off_from_any_of_its_homes"),
     (RD + "export\\b", "tests/test_serving.py::test_onnx_export_matches_pytorch_on_real_images"),
@@ -93,23 +102,23 @@ def commands(text: str) -> list[str]:
             continue
         for line in m[2].replace("\\\n", " ").splitlines():
             line = line.split(" #")[0].strip()
-            if line and not line.startswith("#"):
+            if line and not line.startswith("#") and line.split()[0].rstrip(";") not in SHELL_SYNTAX:
                 found.append(line)
     prose = re.sub(r"```.*?```", "", text, flags=re.S)
     found += [m[1] for m in re.finditer(r"`([^`\n]+)`", prose) if m[1].startswith(COMMAND_PREFIXES)]
     return found
 
 
-def test_every_readme_command_is_exercised_somewhere():
-    text = readme()
+def test_every_documented_command_is_exercised_somewhere():
     missing, targets = [], set()
-    for command in commands(text):
-        match = next(((p, t) for p, t in COVERED if re.match(p, command)), None)
-        if match is None:
-            missing.append(command)
-            continue
-        targets.add(match[1] if match[1] != "the named test" else re.match(match[0], command)[1])
-    assert not missing, "README commands no test exercises (add one, or map it in COVERED):\n" + "\n".join(missing)
+    for page in COMMAND_PAGES:
+        for command in commands(page.read_text()):
+            match = next(((p, t) for p, t in COVERED if re.match(p, command)), None)
+            if match is None:
+                missing.append(f"{page.relative_to(PROJECT_ROOT)}: {command}")
+                continue
+            targets.add(match[1] if match[1] != "the named test" else re.match(match[0], command)[1])
+    assert not missing, "documented commands no test exercises (add one, or map it in COVERED):\n" + "\n".join(missing)
     for target in targets:
         if target == CI:
             assert "make test" in (PROJECT_ROOT / ".ci" / "run").read_text()
@@ -117,24 +126,35 @@ def test_every_readme_command_is_exercised_somewhere():
         path, _, name = target.partition("::")
         source = (PROJECT_ROOT / path).read_text()
         assert not name or re.search(rf"^def {name}\(", source, re.M), f"{target} does not exist"
-    assert len([m for m in MARKER.finditer(text) if m[1] == "run"]) >= 3
+    assert len([m for m in MARKER.finditer(readme()) if m[1] == "run"]) >= 3
 
 
-def test_readme_links_and_anchors_resolve():
-    text = readme()
-    anchors = set()
+def anchors_of(text: str) -> set[str]:
+    """GitHub's heading anchors of a Markdown text (repeated headings get -1, -2, ...)."""
+    anchors: set[str] = set()
     for heading in re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", text, flags=re.S), re.M):
-        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")  # GitHub's anchors
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
         anchors.add(
             next(f"{slug}-{i}" if i else slug for i in range(9) if (f"{slug}-{i}" if i else slug) not in anchors)
         )
-    for target in re.findall(r"\]\(([^)\s]+)\)", text):
-        if target.startswith("http"):
-            continue
-        if target.startswith("#"):
-            assert target[1:] in anchors, f"README link {target}: no such heading"
-        else:
-            assert (PROJECT_ROOT / target.split("#")[0]).exists(), f"README link {target}: no such file"
+    return anchors
+
+
+def test_links_and_anchors_resolve():
+    broken = []
+    for page in PAGES:
+        text = page.read_text()
+        for target in re.findall(r"\]\(([^)\s]+)\)", re.sub(r"```.*?```", "", text, flags=re.S)):
+            if target.startswith(("http://", "https://")):
+                continue
+            path, _, anchor = target.partition("#")
+            file = (page.parent / path).resolve() if path else page
+            where = f"{page.relative_to(PROJECT_ROOT)}: {target}"
+            if not file.exists():
+                broken.append(f"{where} (no such file)")
+            elif anchor and file.suffix == ".md" and anchor not in anchors_of(file.read_text()):
+                broken.append(f"{where} (no such heading)")
+    assert not broken, "broken links:\n" + "\n".join(broken)
 
 
 def test_make_help_lists_the_readme_targets():

@@ -205,7 +205,7 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"  inference   {info.inference_url}/predictions/<model>   models: {', '.join(info.models)}")
     print(f"  management  {info.management_url}   (management key; model registration is off)")
     print(f"  metrics     {info.metrics_url}/metrics   (Prometheus text)")
-    print(f"  tokens      {key_file}  (inference / management keys; they expire, see README)")
+    print(f"  tokens      {key_file}  (inference / management keys; they expire, see docs/serving.md)")
     example = Path(__file__).resolve().parents[2] / "serving" / "examples" / "cat.png"
     image = example if example.is_file() else Path("IMAGE.png")
     print("\nTry it:")

@@ -217,7 +217,7 @@ def _entropy() -> List[Dict[str, Any]]:
         panel("High-entropy (likely perturbed) input rate", "Inputs per second whose plain entropy at the gate "
               "state exceeds the card's gate threshold, by mode: likely perturbed, on paper 1's premise that "
               "adversarial inputs give less certain predictions. How strong a signal this is depends on the "
-              "model: only 13% of PGD-10 inputs cross deq-tiny's threshold (README).",
+              "model: only 13% of PGD-10 inputs cross deq-tiny's threshold (docs/measured-here.md).",
               [target(high, "{{ModelName}} {{Mode}}")], "reqps", min=0),
         panel("High-entropy input share", "High-entropy inputs over answered requests. The threshold is the 95th "
               "percentile of clean validation entropy, so about 5% is the clean baseline; a sustained rise means "
@@ -232,7 +232,7 @@ def _errors() -> List[Dict[str, Any]]:
     return [
         panel("Rejected requests by reason and status", "Requests the handler answered with an error, by reason "
               "and HTTP status (4xx: the request, e.g. corrupt_image or option_out_of_bounds; 500 "
-              "internal_error: the model failed; see the README's error table).",
+              "internal_error: the model failed; see the error table in docs/serving.md).",
               [target(rate("robustdeq_rejected_requests_total", MODEL, "ModelName, Reason, Status"),
                       "{{Status}} {{Reason}} ({{ModelName}})")], "reqps", min=0),
         panel("HTTP 4xx and 5xx (TorchServe frontend)", "TorchServe's host-level response counters over all its "
