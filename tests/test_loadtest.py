@@ -91,6 +91,40 @@ def test_samples_give_per_stage_windows_throughput_and_failures(tmp_path):
     assert samples.failure_reasons() == {"HTTP 503": 10}
 
 
+def test_latency_parts_split_a_request_by_the_servers_clocks():
+    from robustdeq.loadtest.runner import latency_parts
+
+    m = "deq-tiny"
+    before = {
+        "ts_inference_requests_total": {m: 100.0, "other": 7.0},
+        "ts_inference_latency_microseconds": {m: 1e6},
+        "ts_queue_latency_microseconds": {m: 2e5},
+        "robustdeq_handler_latency_seconds_sum": {m: 0.5},
+        "robustdeq_handler_latency_seconds_count": {m: 100.0},
+        "robustdeq_batch_size_sum": {m: 100.0},
+        "robustdeq_batch_size_count": {m: 25.0},
+    }
+    # 400 more requests in 50 batches of 8 over 2 s: 20 ms in the frontend each, 5 ms of it
+    # queued; the handler took 9 ms per batch
+    after = {
+        "ts_inference_requests_total": {m: 500.0, "other": 9.0},
+        "ts_inference_latency_microseconds": {m: 1e6 + 400 * 20e3},
+        "ts_queue_latency_microseconds": {m: 2e5 + 400 * 5e3},
+        "robustdeq_handler_latency_seconds_sum": {m: 0.5 + 400 * 9e-3},
+        "robustdeq_handler_latency_seconds_count": {m: 500.0},
+        "robustdeq_batch_size_sum": {m: 500.0},
+        "robustdeq_batch_size_count": {m: 75.0},
+    }
+    p = latency_parts(before, after, m, client_mean_ms=23.0, wall_s=2.0)
+    assert p["requests"] == 400 and p["mean_batch_size"] == 8.0
+    assert p["frontend_ms"] == pytest.approx(20.0) and p["queue_ms"] == pytest.approx(5.0)
+    assert p["outside_frontend_ms"] == pytest.approx(3.0) and p["worker_round_trip_ms"] == pytest.approx(15.0)
+    assert p["handler_ms"] == pytest.approx(9.0) and p["ipc_and_plumbing_ms"] == pytest.approx(6.0)
+    assert p["worker_busy"] == pytest.approx(50 * 15e-3 / 2.0) and p["handler_busy"] == pytest.approx(50 * 9e-3 / 2.0)
+    with pytest.raises(RuntimeError, match="no requests"):
+        latency_parts(before, before, m, 1.0, 1.0)
+
+
 @pytest.fixture(scope="module")
 def payloads(tmp_path_factory):
     path = tmp_path_factory.mktemp("payloads") / "payloads.json"
@@ -123,6 +157,13 @@ def test_smoke_run_end_to_end_has_no_failures_and_exact_counts(tmp_path):
     recorded = sum(r["requests"] for r in rows.values())
     assert recorded == results["smoke"]["requests"] and locust_total <= recorded <= locust_total + 4
     assert (out / "smoke.html").stat().st_size > 1000 and "## Smoke" in (out / "report.md").read_text()
+    # the server's clocks, read from the real metrics port around one more plain stage
+    b = results["smoke"]["breakdown"]
+    assert b["requests"] > 0 and b["mean_batch_size"] >= 1, b
+    assert 0 < b["queue_ms"] < b["frontend_ms"] < b["client_ms"], b
+    assert 0 < b["handler_ms"] < b["worker_round_trip_ms"] and b["ipc_and_plumbing_ms"] > 0, b
+    assert 0 < b["handler_busy"] < b["worker_busy"] <= 1.05, b
+    assert "Where a request's time goes" in (out / "report.md").read_text()
     assert not (out / "serve" / "server.json").exists() or "pid" in (out / "serve" / "server.json").read_text()
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 __all__ = ["render_markdown", "write_plots"]
 
@@ -36,6 +36,40 @@ def _footer(section: Dict[str, Any]) -> List[str]:
         lines.append("- CPU cores used on average: " + ", ".join(f"{who} {cores:.2f}" for who, cores in cpu.items()))
     reasons = section.get("failure_reasons") or {}
     return lines + [f"- failure: {n} x {why}" for why, n in reasons.items()]
+
+
+def _breakdown(b: Optional[Dict[str, Any]], in_process: Optional[Dict[str, Any]] = None) -> List[str]:
+    """Where a served plain request's time goes (runner.latency_parts), as a table."""
+    if not b:
+        return []
+    rows = [
+        ("the client's latency (Locust)", b["client_ms"], ""),
+        ("outside the frontend's clock", b["outside_frontend_ms"], "HTTP in and out, loopback, Locust"),
+        ("queued in the frontend", b["queue_ms"], "waiting for the worker and for the batch to fill"),
+        ("worker round trip", b["worker_round_trip_ms"], "frontend to Python worker and back, batch of the request"),
+        ("of which the handler", b["handler_ms"], "decode, solve, answer, metrics"),
+        ("of which socket and TorchServe's Python plumbing", b["ipc_and_plumbing_ms"], ""),
+    ]
+    lines = [
+        "",
+        f"**Where a request's time goes** ({b['users']} closed-loop plain users, {b['seconds']:.0f} s, "
+        f"{b['client']['throughput']:.0f} req/s, mean batch {b['mean_batch_size']:.1f}; means per request "
+        "from TorchServe's and the handler's counters):",
+        "",
+        "| part | ms | what it holds |",
+        "|---|---:|---|",
+        *[f"| {name} | {ms:.2f} | {what} |" for name, ms, what in rows],
+        "",
+        f"The plain worker was busy {b['worker_busy']:.0%} of the time, its handler {b['handler_busy']:.0%}.",
+    ]
+    if in_process:
+        batch_ms = in_process["batch_ms"]
+        lines.append(
+            f"In-process, a full batch of {in_process['batch_size']} takes {batch_ms:.2f} ms; served batches of "
+            f"{b['mean_batch_size']:.1f} took {b['handler_ms']:.2f} ms in the handler and "
+            f"{b['worker_round_trip_ms']:.2f} ms round trip."
+        )
+    return lines
 
 
 def render_markdown(results: Dict[str, Any], plots: Sequence[Path] = ()) -> str:
@@ -76,6 +110,7 @@ def render_markdown(results: Dict[str, Any], plots: Sequence[Path] = ()) -> str:
             "",
             *_stats_table(sat["stages"], with_stage=True),
             *_footer(sat),
+            *_breakdown(sat.get("breakdown"), ip),
         ]
     dfd = results.get("defended")
     if dfd:
@@ -109,7 +144,15 @@ def render_markdown(results: Dict[str, Any], plots: Sequence[Path] = ()) -> str:
             *_footer(s),
         ]
     if results.get("smoke"):
-        lines += ["", "## Smoke", "", *_stats_table(results["smoke"]["overall"]), *_footer(results["smoke"])]
+        smoke = results["smoke"]
+        lines += [
+            "",
+            "## Smoke",
+            "",
+            *_stats_table(smoke["overall"]),
+            *_footer(smoke),
+            *_breakdown(smoke.get("breakdown")),
+        ]
     if results.get("batching"):
         lines += [
             "",

@@ -146,22 +146,107 @@ def in_process_throughput(archive: Path, payloads: PayloadSet, repeats: int = 30
     return {"batch_size": b, "batch_ms": seconds * 1e3, "samples_per_s": b / seconds, "repeats": repeats}
 
 
-def _metric_sums(run: LoadTestRun, name: str) -> Dict[str, float]:
-    """``{model: (sum, count)}`` of a histogram on the metrics port (0, 0 if absent)."""
+def _metric_totals(run: LoadTestRun, names: Sequence[str]) -> Dict[str, Dict[str, float]]:
+    """``{sample name: {model: value}}`` for the named samples on the metrics port, summed over
+    every other label (TorchServe's series carry ``model_name``, the handler's ``ModelName``)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     from ..serving.runfolder import http_get
 
     status, body = http_get(f"{run.metrics_url}/metrics")
-    out: Dict[str, List[float]] = {}
+    out: Dict[str, Dict[str, float]] = {name: {} for name in names}
     if status != 200:
         return out
     for family in text_string_to_metric_families(body.decode()):
         for sample in family.samples:
-            if sample.name in (f"{name}_sum", f"{name}_count"):
-                slot = out.setdefault(sample.labels.get("ModelName", ""), [0.0, 0.0])
-                slot[0 if sample.name.endswith("_sum") else 1] += sample.value
+            # the parser names a counter's sample NAME_total even where the text says NAME
+            # (TorchServe's ts_*_microseconds counters)
+            name = next((n for n in (sample.name, sample.name.removesuffix("_total")) if n in out), None)
+            if name is not None:
+                model = sample.labels.get("ModelName", sample.labels.get("model_name", ""))
+                out[name][model] = out[name].get(model, 0.0) + sample.value
     return out
+
+
+def _metric_sums(run: LoadTestRun, name: str) -> Dict[str, List[float]]:
+    """``{model: [sum, count]}`` of a histogram on the metrics port."""
+    totals = _metric_totals(run, (f"{name}_sum", f"{name}_count"))
+    models = set(totals[f"{name}_sum"]) | set(totals[f"{name}_count"])
+    return {m: [totals[f"{name}_sum"].get(m, 0.0), totals[f"{name}_count"].get(m, 0.0)] for m in models}
+
+
+#: the server-side clocks of a request: TorchServe's frontend (from the parsed request to the
+#: response, and the part of it spent queued until a worker thread took its batch) and the handler
+BREAKDOWN_SERIES = (
+    "ts_inference_requests_total",
+    "ts_inference_latency_microseconds",
+    "ts_queue_latency_microseconds",
+    "robustdeq_handler_latency_seconds_sum",
+    "robustdeq_handler_latency_seconds_count",
+    "robustdeq_batch_size_sum",
+    "robustdeq_batch_size_count",
+)
+
+
+def latency_parts(
+    before: Dict[str, Dict[str, float]],
+    after: Dict[str, Dict[str, float]],
+    model: str,
+    client_mean_ms: float,
+    wall_s: float,
+) -> Dict[str, Any]:
+    """Where a served request's time goes, mean ms per request, from two snapshots of
+    :data:`BREAKDOWN_SERIES` around one run (TorchServe 0.12's RestJob: inference latency =
+    response time - job creation, queue latency = worker pickup - job creation):
+
+    * ``outside_frontend``: the client's latency minus the frontend's (HTTP parsing and
+      writing, the loopback socket, Locust itself);
+    * ``queue``: waiting for a worker and for the batch to fill (maxBatchDelay);
+    * ``worker_round_trip``: from pickup to response (the frontend's share of it, the
+      socket to the Python worker, TorchServe's Python plumbing and the handler);
+    * ``handler``: the handler's own time for the request's batch (decode, solve, answer, metrics);
+    * ``ipc_and_plumbing``: the round trip minus the handler.
+
+    ``worker_busy`` is the share of the wall time the plain worker spent on batches
+    (batches x mean round trip / ``wall_s``), ``handler_busy`` the handler's part of it."""
+
+    def delta(name: str) -> float:
+        return after.get(name, {}).get(model, 0.0) - before.get(name, {}).get(model, 0.0)
+
+    requests = delta("ts_inference_requests_total")
+    handled = delta("robustdeq_handler_latency_seconds_count")
+    batches = delta("robustdeq_batch_size_count")
+    if requests <= 0 or handled <= 0 or batches <= 0:
+        raise RuntimeError(f"no requests for {model!r} on the metrics port during the breakdown run")
+    frontend = delta("ts_inference_latency_microseconds") / requests / 1e3
+    queue = delta("ts_queue_latency_microseconds") / requests / 1e3
+    handler = delta("robustdeq_handler_latency_seconds_sum") / handled * 1e3
+    round_trip = frontend - queue
+    mean_batch = delta("robustdeq_batch_size_sum") / batches
+    return {
+        "requests": requests,
+        "mean_batch_size": mean_batch,
+        "client_ms": client_mean_ms,
+        "frontend_ms": frontend,
+        "outside_frontend_ms": client_mean_ms - frontend,
+        "queue_ms": queue,
+        "worker_round_trip_ms": round_trip,
+        "handler_ms": handler,
+        "ipc_and_plumbing_ms": round_trip - handler,
+        "worker_busy": batches * round_trip / 1e3 / wall_s,
+        "handler_busy": batches * handler / 1e3 / wall_s,
+    }
+
+
+def breakdown(run: LoadTestRun, users: int, seconds: float, name: str = "breakdown") -> Dict[str, Any]:
+    """One closed-loop plain stage at ``users`` with the server's clocks read before and after:
+    :func:`latency_parts` of the plain model, the client's figures and each party's CPU."""
+    before = _metric_totals(run, BREAKDOWN_SERIES)
+    samples = run_locust(run, name, [Stage(seconds, users, "PlainUser")])
+    after = _metric_totals(run, BREAKDOWN_SERIES)
+    client = samples.stats(PLAIN)  # window_s: first request sent to last answer received
+    parts = latency_parts(before, after, run.model, client.mean_ms, client.window_s)
+    return {"users": users, "seconds": seconds, **parts, "client": client.to_dict(), "cpu_cores": samples.cpu_cores}
 
 
 def _mean_batch(before, after, model: str) -> Optional[float]:
@@ -202,6 +287,8 @@ def saturation(run: LoadTestRun, users: Sequence[int], seconds: float, name: str
         "mean_batch_size": _mean_batch(before, after, run.model),
         "failure_reasons": samples.failure_reasons(),
         "cpu_cores": samples.cpu_cores,
+        # where a request's time goes at the saturated load (one more stage at that user count)
+        "breakdown": breakdown(run, best["users"], seconds, f"{name}-breakdown"),
     }
 
 
@@ -276,6 +363,7 @@ def smoke(run: LoadTestRun, seconds: float = 6.0) -> Dict[str, Any]:
         "failure_reasons": samples.failure_reasons(),
         "requests": len(samples),
         "cpu_cores": samples.cpu_cores,
+        "breakdown": breakdown(run, 2, seconds, "smoke-breakdown"),
     }
 
 
