@@ -168,11 +168,9 @@ def _metric_totals(run: LoadTestRun, names: Sequence[str]) -> Dict[str, Dict[str
     return out
 
 
-def _metric_sums(run: LoadTestRun, name: str) -> Dict[str, List[float]]:
-    """``{model: [sum, count]}`` of a histogram on the metrics port."""
-    totals = _metric_totals(run, (f"{name}_sum", f"{name}_count"))
-    models = set(totals[f"{name}_sum"]) | set(totals[f"{name}_count"])
-    return {m: [totals[f"{name}_sum"].get(m, 0.0), totals[f"{name}_count"].get(m, 0.0)] for m in models}
+def _delta(before: Dict[str, Dict[str, float]], after: Dict[str, Dict[str, float]], name: str, model: str) -> float:
+    """How much one series of :func:`_metric_totals` grew for ``model`` between two snapshots."""
+    return after.get(name, {}).get(model, 0.0) - before.get(name, {}).get(model, 0.0)
 
 
 #: the server-side clocks of a request: TorchServe's frontend (from the parsed request to the
@@ -211,7 +209,7 @@ def latency_parts(
     (batches x mean round trip / ``wall_s``), ``handler_busy`` the handler's part of it."""
 
     def delta(name: str) -> float:
-        return after.get(name, {}).get(model, 0.0) - before.get(name, {}).get(model, 0.0)
+        return _delta(before, after, name, model)
 
     requests = delta("ts_inference_requests_total")
     handled = delta("robustdeq_handler_latency_seconds_count")
@@ -250,9 +248,8 @@ def breakdown(run: LoadTestRun, users: int, seconds: float, name: str = "breakdo
 
 
 def _mean_batch(before, after, model: str) -> Optional[float]:
-    b, a = before.get(model, [0.0, 0.0]), after.get(model, [0.0, 0.0])
-    count = a[1] - b[1]
-    return (a[0] - b[0]) / count if count > 0 else None
+    count = _delta(before, after, "robustdeq_batch_size_count", model)
+    return _delta(before, after, "robustdeq_batch_size_sum", model) / count if count > 0 else None
 
 
 def _stage_rows(samples: Samples, stages: Sequence[Stage], settle: float, names=None) -> List[Dict[str, Any]]:
@@ -274,9 +271,10 @@ def _overall(samples: Samples) -> List[Dict[str, Any]]:
 # ---- scenarios --------------------------------------------------------------------------------
 def saturation(run: LoadTestRun, users: Sequence[int], seconds: float, name: str = "saturation") -> Dict[str, Any]:
     stages = [Stage(seconds, u, "PlainUser") for u in users]
-    before = _metric_sums(run, "robustdeq_batch_size")
+    batch_series = ("robustdeq_batch_size_sum", "robustdeq_batch_size_count")
+    before = _metric_totals(run, batch_series)
     samples = run_locust(run, name, stages)
-    after = _metric_sums(run, "robustdeq_batch_size")
+    after = _metric_totals(run, batch_series)
     rows = _stage_rows(samples, stages, run.settle, [PLAIN])
     best = max(rows, key=lambda r: r["throughput"])
     return {
