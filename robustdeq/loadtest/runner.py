@@ -276,6 +276,11 @@ def saturation(run: LoadTestRun, users: Sequence[int], seconds: float, name: str
     samples = run_locust(run, name, stages)
     after = _metric_totals(run, batch_series)
     rows = _stage_rows(samples, stages, run.settle, [PLAIN])
+    if not rows:
+        raise ValueError(
+            f"no plain request started after the {run.settle:.0f} s settle window of any {seconds:.0f} s stage; "
+            "give --stage-seconds more than --settle"
+        )
     best = max(rows, key=lambda r: r["throughput"])
     return {
         "stages": rows,
