@@ -121,6 +121,8 @@ def test_latency_parts_split_a_request_by_the_servers_clocks():
     assert p["outside_frontend_ms"] == pytest.approx(3.0) and p["worker_round_trip_ms"] == pytest.approx(15.0)
     assert p["handler_ms"] == pytest.approx(9.0) and p["ipc_and_plumbing_ms"] == pytest.approx(6.0)
     assert p["worker_busy"] == pytest.approx(50 * 15e-3 / 2.0) and p["handler_busy"] == pytest.approx(50 * 9e-3 / 2.0)
+    two = latency_parts(before, after, m, client_mean_ms=23.0, wall_s=2.0, workers=2)  # busy: a mean per worker
+    assert two["worker_busy"] == pytest.approx(p["worker_busy"] / 2) and two["handler_ms"] == p["handler_ms"]
     with pytest.raises(RuntimeError, match="no requests"):
         latency_parts(before, before, m, 1.0, 1.0)
 
@@ -132,6 +134,15 @@ def payloads(tmp_path_factory):
     assert len(built) == 12 and set(built.expected) == {PLAIN, "T2R10"}
     assert PayloadSet.load(built.save(path)).expected == built.expected
     return built
+
+
+def test_a_model_outside_the_shipped_set_needs_its_checkpoint(tmp_path, capsys):
+    from robustdeq.cli import main
+
+    assert main(["loadtest", "--model", "mine", "--out", str(tmp_path)]) == 2
+    assert "give its --checkpoint" in capsys.readouterr().err
+    assert main(["loadtest", "--model", "mine", "--checkpoint", str(tmp_path / "no.pt"), "--out", str(tmp_path)]) == 2
+    assert "no.pt does not exist" in capsys.readouterr().err
 
 
 @needs_java

@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import math
+import os
 import zipfile
 from collections import Counter
 
@@ -104,6 +105,8 @@ def test_limits_from_config():
         Limits.from_config({"max_R": HARD_MAX_R + 1})
     with pytest.raises(ValueError, match="plain lane"):
         Limits.from_config({"lane": "plain", "default_defense": "on"})
+    with pytest.raises(ValueError, match="cpu_nice"):  # a worker may lower its priority, never raise it
+        Limits.from_config({"cpu_nice": -5})
     # an archive can narrow the bounds: R above its max_R is refused
     narrow = Limits(lane="defended", default_defense="on", R=5, max_R=8)
     with pytest.raises(RequestError, match=r"\[0, 8\]"):
@@ -282,6 +285,9 @@ def test_shipped_archives_rebuild_byte_for_byte(tmp_path):
     assert {"index_to_name.json", "MAR-INF/MANIFEST.json"} <= names
     assert config["handler"]["lane"] == "defended" and config["batchSize"] < 16
     assert config["responseTimeout"] >= 60
+    assert config["handler"]["cpu_nice"] == 10 and config["minWorkers"] == 1
+    plain = archive_mod.read_model_config(STORE / "deq-tiny.mar")
+    assert plain["minWorkers"] == plain["maxWorkers"] == 2 and plain["handler"].get("cpu_nice", 0) == 0
 
 
 def test_archive_refuses_a_card_of_another_checkpoint(tmp_path):
@@ -334,6 +340,19 @@ def worker(tmp_path_factory):
     from robustdeq.serving.inprocess import InProcessWorker
 
     return InProcessWorker(STORE / "deq-tiny-defended.mar", tmp_path_factory.mktemp("deq-tiny-defended"))
+
+
+def test_an_in_process_worker_keeps_its_caller_s_priority_and_takes_overrides(worker, tmp_path):
+    from robustdeq.serving.inprocess import InProcessWorker
+
+    assert os.getpriority(os.PRIO_PROCESS, 0) == 0  # the defended archive's cpu_nice 10 was not applied here
+    assert "cpu_nice" not in worker.config["handler"]
+    threads = torch.get_num_threads()
+    try:
+        other = InProcessWorker(STORE / "deq-tiny.mar", tmp_path, handler_overrides={"torch_threads": 2})
+        assert other.engine.limits.torch_threads == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_handler_answers_a_mixed_batch_and_rejects_only_the_bad_items(worker, cifar_test, caplog):

@@ -219,26 +219,33 @@ def test_health_check(server, tmp_path):
     assert proc.returncode == 1 and "Token Authorization failed" in proc.stderr, proc.stderr
 
 
+def _ready_workers(server, model: str) -> set:
+    status, body = http_get(f"{server.management_url}/models/{model}", read_keys(Path(server.run_dir))["management"])
+    workers = json.loads(body)[0]["workers"] if status == 200 else []
+    return {w["pid"] for w in workers if w["status"] == "READY"}
+
+
+def test_two_plain_workers_and_a_defended_worker_that_yields_the_cpu(server):
+    import psutil
+
+    plain, defended = _ready_workers(server, "deq-tiny"), _ready_workers(server, "deq-tiny-defended")
+    assert len(plain) == 2 and len(defended) == 1, (plain, defended)
+    assert [psutil.Process(pid).nice() for pid in plain] == [0, 0]
+    assert [psutil.Process(pid).nice() for pid in defended] == [10]  # cpu_nice of the defended lane
+
+
 def test_a_killed_worker_is_restarted(server, client, cifar_test):
-    keys = read_keys(Path(server.run_dir))
-
-    def worker_pid():
-        status, body = http_get(server.management_url + "/models/deq-tiny", keys["management"])
-        workers = json.loads(body)[0]["workers"] if status == 200 else []
-        ready = [w for w in workers if w["status"] == "READY"]
-        return ready[0]["pid"] if ready else None
-
-    old = worker_pid()
-    assert old
+    before = _ready_workers(server, "deq-tiny")
+    old = min(before)
     os.kill(old, signal.SIGKILL)
     deadline = time.monotonic() + 180
-    new = None
+    now = before
     while time.monotonic() < deadline:
-        new = worker_pid()
-        if new and new != old:
+        now = _ready_workers(server, "deq-tiny")
+        if len(now) == len(before) and old not in now:
             break
         time.sleep(0.5)
-    assert new and new != old, "TorchServe did not restart the worker"
+    assert len(now) == len(before) and old not in now, f"TorchServe did not restart the worker: {before} -> {now}"
     image = png(cifar_test.images[0])
     for _ in range(3):
         status, answer = client.predict("deq-tiny", image, "image/png")

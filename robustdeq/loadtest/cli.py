@@ -27,7 +27,13 @@ def add_loadtest_parser(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--scenario", choices=SCENARIOS, default="full", help="what to run")
-    p.add_argument("--model", default="deq-tiny", help="a shipped model with archives in the store")
+    p.add_argument("--model", default="deq-tiny", help="the model's endpoint name: MODEL.mar and MODEL-defended.mar")
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="the model.pt behind the archives, which labels the payloads in-process (default: the shipped "
+        "checkpoint of MODEL; needed for any other model, e.g. one built with 'robustdeq archive --name')",
+    )
     p.add_argument(
         "--store", default=None, help="model store with MODEL.mar and MODEL-defended.mar (default: model_store/)"
     )

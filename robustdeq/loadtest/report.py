@@ -60,12 +60,18 @@ def _breakdown(b: Optional[Dict[str, Any]], in_process: Optional[Dict[str, Any]]
         "|---|---:|---|",
         *[f"| {name} | {ms:.2f} | {what} |" for name, ms, what in rows],
         "",
-        f"The plain worker was busy {b['worker_busy']:.0%} of the time, its handler {b['handler_busy']:.0%}.",
+        (
+            f"The plain worker was busy {b['worker_busy']:.0%} of the time, its handler {b['handler_busy']:.0%}."
+            if b.get("workers", 1) == 1
+            else f"Each of the {b['workers']} plain workers was busy {b['worker_busy']:.0%} of the time on average, "
+            f"its handler {b['handler_busy']:.0%}."
+        ),
     ]
     if in_process:
         batch_ms = in_process["batch_ms"]
         lines.append(
-            f"In-process, a full batch of {in_process['batch_size']} takes {batch_ms:.2f} ms; served batches of "
+            f"In-process with {in_process.get('worker_threads', 1)} thread(s), a full batch of "
+            f"{in_process['batch_size']} takes {batch_ms:.2f} ms; served batches of "
             f"{b['mean_batch_size']:.1f} took {b['handler_ms']:.2f} ms in the handler and "
             f"{b['worker_round_trip_ms']:.2f} ms round trip."
         )
@@ -95,8 +101,18 @@ def render_markdown(results: Dict[str, Any], plots: Sequence[Path] = ()) -> str:
             "",
             "## In-process handler (same archive, TorchServe's request plumbing, no server)",
             "",
-            f"{ip['samples_per_s']:.0f} samples/s at batch {ip['batch_size']} "
-            f"({ip['batch_ms']:.2f} ms per batch, median of {ip['repeats']})",
+            f"{ip['samples_per_s']:.0f} samples/s at batch {ip['batch_size']} with {ip.get('threads', 1)} thread(s), "
+            "the reference of the saturation target"
+            + (
+                " ("
+                + "; ".join(
+                    f"{t} thread(s): {r['samples_per_s']:.0f} samples/s, {r['batch_ms']:.2f} ms per batch"
+                    for t, r in ip["by_threads"].items()
+                )
+                + f"; medians of {ip['rounds']} interleaved rounds of {ip['repeats']} batches)"
+                if ip.get("by_threads")
+                else f" ({ip['batch_ms']:.2f} ms per batch, median of {ip['repeats']})"
+            ),
         ]
     sat = results.get("saturation")
     if sat:
@@ -158,8 +174,8 @@ def render_markdown(results: Dict[str, Any], plots: Sequence[Path] = ()) -> str:
             "",
             "## Plain-lane batching (saturation per configuration)",
             "",
-            "| batchSize | maxBatchDelay ms | workers | in-process samples/s | server req/s | ratio | mean batch | "
-            "p50 ms | p99 ms | CPU cores: locust / frontend / workers |",
+            "| batchSize | maxBatchDelay ms | workers | in-process samples/s (threads) | server req/s | ratio | "
+            "mean batch | p50 ms | p99 ms | CPU cores: locust / frontend / workers |",
             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         for b in results["batching"]:
@@ -167,7 +183,7 @@ def render_markdown(results: Dict[str, Any], plots: Sequence[Path] = ()) -> str:
             mb = b["mean_batch_size"]
             lines.append(
                 f"| {lane['batch_size']} | {lane['max_batch_delay_ms']} | {lane.get('workers', 1)} | "
-                f"{b['in_process_samples_per_s']:.0f} | "
+                f"{b['in_process_samples_per_s']:.0f} ({b.get('in_process_threads', 1)}) | "
                 f"{b['saturated_throughput']:.0f} | {b['ratio']:.2f} | {'-' if mb is None else f'{mb:.1f}'} | "
                 f"{_ms(b['p50_ms_at_saturation'])} | {_ms(b['p99_ms_at_saturation'])} | "
                 + " / ".join(f"{c:.2f}" for c in (b.get("cpu_cores") or {}).values())

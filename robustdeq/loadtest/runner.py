@@ -53,6 +53,7 @@ class LoadTestRun:
     settle: float = 3.0
     log: Callable[[str], None] = print
     server_pid: Optional[int] = None
+    plain_workers: int = 1  # the plain archive's worker count (its model-config.yaml)
 
 
 def _server_cpu_seconds(pid: Optional[int]) -> Dict[str, float]:
@@ -127,11 +128,14 @@ def _describe(stage: Stage) -> str:
     return f"{stage.users} {stage.user} ({rate}, {stage.duration:.0f} s)"
 
 
-def in_process_throughput(archive: Path, payloads: PayloadSet, repeats: int = 30) -> Dict[str, float]:
-    """Samples/s of the archive's handler on full batches, in this process (median of ``repeats``)."""
+def in_process_throughput(
+    archive: Path, payloads: PayloadSet, repeats: int = 30, threads: Optional[int] = None
+) -> Dict[str, float]:
+    """Samples/s of the archive's handler on full batches, in this process (median of ``repeats``),
+    with the archive's ``torch_threads`` or ``threads``."""
     from ..serving.inprocess import InProcessWorker, make_request
 
-    worker = InProcessWorker(archive)
+    worker = InProcessWorker(archive, handler_overrides={"torch_threads": threads} if threads else None)
     b = worker.batch_size
     batch = [make_request(str(i), payloads.pngs[i % len(payloads)], "image/png") for i in range(b)]
     worker.handle(batch)  # warm-up
@@ -143,7 +147,38 @@ def in_process_throughput(archive: Path, payloads: PayloadSet, repeats: int = 30
     if any(status != 200 for status, _ in answers):
         raise RuntimeError(f"the in-process handler refused a payload: {answers}")
     seconds = statistics.median(times)
-    return {"batch_size": b, "batch_ms": seconds * 1e3, "samples_per_s": b / seconds, "repeats": repeats}
+    threads = worker.engine.limits.torch_threads
+    return {"batch_size": b, "batch_ms": seconds * 1e3, "samples_per_s": b / seconds, "repeats": repeats,
+            "threads": threads}  # fmt: skip
+
+
+def in_process_reference(archive: Path, payloads: PayloadSet, rounds: int = 3) -> Dict[str, Any]:
+    """What a served lane is held to: the archive's handler in this process, with the archive's
+    ``torch_threads`` (one worker's share) and with every core, in interleaved rounds (medians).
+    ``samples_per_s`` is the faster of the two, ``batch_ms`` the full-batch time at the
+    archive's own thread count (what one served worker's handler is compared with)."""
+    cores = os.cpu_count() or 1
+    runs: Dict[int, List[Dict[str, float]]] = {}
+    for _ in range(rounds):
+        for threads in dict.fromkeys((None, cores)):  # None: the archive's own setting
+            r = in_process_throughput(archive, payloads, threads=threads)
+            runs.setdefault(int(r["threads"]), []).append(r)
+    by_threads = {
+        t: {k: statistics.median(r[k] for r in rs) for k in ("samples_per_s", "batch_ms")} for t, rs in runs.items()
+    }
+    worker_threads = next(iter(runs))
+    best = max(by_threads, key=lambda t: by_threads[t]["samples_per_s"])
+    first = runs[worker_threads][0]
+    return {
+        "batch_size": first["batch_size"],
+        "repeats": first["repeats"],
+        "rounds": rounds,
+        "by_threads": by_threads,
+        "worker_threads": worker_threads,
+        "batch_ms": by_threads[worker_threads]["batch_ms"],
+        "threads": best,
+        "samples_per_s": by_threads[best]["samples_per_s"],
+    }
 
 
 def _metric_totals(run: LoadTestRun, names: Sequence[str]) -> Dict[str, Dict[str, float]]:
@@ -192,6 +227,7 @@ def latency_parts(
     model: str,
     client_mean_ms: float,
     wall_s: float,
+    workers: int = 1,
 ) -> Dict[str, Any]:
     """Where a served request's time goes, mean ms per request, from two snapshots of
     :data:`BREAKDOWN_SERIES` around one run (TorchServe 0.12's RestJob: inference latency =
@@ -205,8 +241,9 @@ def latency_parts(
     * ``handler``: the handler's own time for the request's batch (decode, solve, answer, metrics);
     * ``ipc_and_plumbing``: the round trip minus the handler.
 
-    ``worker_busy`` is the share of the wall time the plain worker spent on batches
-    (batches x mean round trip / ``wall_s``), ``handler_busy`` the handler's part of it."""
+    ``worker_busy`` is the share of the wall time a plain worker spent on batches, averaged
+    over the ``workers`` (batches x mean round trip / ``wall_s`` / ``workers``), ``handler_busy``
+    the handler's part of it."""
 
     def delta(name: str) -> float:
         return _delta(before, after, name, model)
@@ -231,8 +268,9 @@ def latency_parts(
         "worker_round_trip_ms": round_trip,
         "handler_ms": handler,
         "ipc_and_plumbing_ms": round_trip - handler,
-        "worker_busy": batches * round_trip / 1e3 / wall_s,
-        "handler_busy": batches * handler / 1e3 / wall_s,
+        "workers": workers,
+        "worker_busy": batches * round_trip / 1e3 / wall_s / workers,
+        "handler_busy": batches * handler / 1e3 / wall_s / workers,
     }
 
 
@@ -243,7 +281,7 @@ def breakdown(run: LoadTestRun, users: int, seconds: float, name: str = "breakdo
     samples = run_locust(run, name, [Stage(seconds, users, "PlainUser")])
     after = _metric_totals(run, BREAKDOWN_SERIES)
     client = samples.stats(PLAIN)  # window_s: first request sent to last answer received
-    parts = latency_parts(before, after, run.model, client.mean_ms, client.window_s)
+    parts = latency_parts(before, after, run.model, client.mean_ms, client.window_s, run.plain_workers)
     return {"users": users, "seconds": seconds, **parts, "client": client.to_dict(), "cpu_cores": samples.cpu_cores}
 
 
@@ -374,12 +412,18 @@ SCENARIOS = ("full", "smoke", "saturation", "defended", "isolation", "soak", "ba
 
 
 # ---- orchestration ---------------------------------------------------------------------------
-def _start(run_dir: Path, model: str, store: Path, log) -> "tuple[Any, str]":
+def _start(out: Path, run_dir: Path, model: str, store: Path, payloads: Path, settle: float, log) -> LoadTestRun:
+    """TorchServe with ``model``'s archives from ``store``, as the :class:`LoadTestRun` that drives it."""
+    from ..serving.archive import read_model_config
     from ..serving.runfolder import read_keys
     from ..serving.server import Ports, start_server
 
     info = start_server(run_dir, [model], store, Ports.free(), log=log)
-    return info, read_keys(run_dir)["inference"]
+    workers = int(read_model_config(store / f"{model}.mar").get("minWorkers", 1))
+    token = read_keys(run_dir)["inference"]
+    return LoadTestRun(
+        out, model, info.inference_url, token, payloads, info.metrics_url, settle, log, info.pid, workers
+    )
 
 
 def _verdicts(results: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
@@ -406,20 +450,23 @@ def _verdicts(results: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
 
 
 def _batching(args, out: Path, payloads: PayloadSet, settings, log) -> List[Dict[str, Any]]:
-    from ..serving.archive import SHIPPED, build_archives, parse_lane_config
+    from ..serving.archive import build_archives, parse_lane_config
     from ..serving.server import stop_server
 
-    rows = []
+    lanes = {}
     for text in args.plain_lanes:
         lane = parse_lane_config(text)
-        tag = f"b{lane.batch_size}-d{lane.max_batch_delay_ms}"
+        tag = f"b{lane.batch_size}-d{lane.max_batch_delay_ms}-w{lane.workers}"
         store = out / "batching" / tag / "store"
-        build_archives(SHIPPED[args.model], args.model, store, lane_configs={"plain": lane})
-        inproc = in_process_throughput(store / f"{args.model}.mar", payloads)
+        build_archives(args.checkpoint, args.model, store, lane_configs={"plain": lane})
+        lanes[tag] = (lane, store)
+    # every in-process reference first, while no server runs: one left behind skews it
+    references = {tag: in_process_reference(store / f"{args.model}.mar", payloads) for tag, (_, store) in lanes.items()}
+    rows = []
+    for tag, (lane, store) in lanes.items():
+        inproc = references[tag]
         run_dir = out / "batching" / tag / "serve"
-        info, token = _start(run_dir, args.model, store, log)
-        run = LoadTestRun(out / "batching" / tag, args.model, info.inference_url, token, out / "payloads.json",
-                          info.metrics_url, args.settle, log, info.pid)  # fmt: skip
+        run = _start(out / "batching" / tag, run_dir, args.model, store, out / "payloads.json", args.settle, log)
         try:
             sat = saturation(run, args.users, args.stage_seconds)
         finally:
@@ -429,6 +476,7 @@ def _batching(args, out: Path, payloads: PayloadSet, settings, log) -> List[Dict
             {
                 "plain_lane": asdict(lane),
                 "in_process_samples_per_s": inproc["samples_per_s"],
+                "in_process_threads": inproc["threads"],
                 "saturated_throughput": sat["saturated_throughput"],
                 "ratio": sat["saturated_throughput"] / inproc["samples_per_s"],
                 "p50_ms_at_saturation": best["p50_ms"],
@@ -448,15 +496,23 @@ def run_loadtest(args: argparse.Namespace) -> int:
     from .report import render_markdown, write_plots
 
     log = print
-    if args.model not in SHIPPED:
-        raise ValueError(f"unknown model {args.model!r}; the load test knows {', '.join(SHIPPED)}")
+    if args.checkpoint is None:
+        if args.model not in SHIPPED:
+            raise ValueError(
+                f"unknown model {args.model!r}: the shipped ones are {', '.join(SHIPPED)}; "
+                "for another model, give its --checkpoint"
+            )
+        args.checkpoint = SHIPPED[args.model]
+    args.checkpoint = Path(args.checkpoint)
+    if not args.checkpoint.is_file():
+        raise FileNotFoundError(f"--checkpoint {args.checkpoint} does not exist")
     out = Path(args.out or f"runs/loadtest/{args.model}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     store = Path(args.store or DEFAULT_STORE).resolve()
     settings = DefendedSetting.parse_list(args.defended)
     started = datetime.now(timezone.utc)
     log(f"payloads: {args.payloads} CIFAR-10 test images labelled in-process (plain + {len(settings)} settings)")
-    payloads = build_payloads(SHIPPED[args.model], args.model, args.payloads, [*settings, MIXED])
+    payloads = build_payloads(args.checkpoint, args.model, args.payloads, [*settings, MIXED])
     payloads.save(out / "payloads.json")
     results: Dict[str, Any] = {
         "model": args.model,
@@ -472,12 +528,12 @@ def run_loadtest(args: argparse.Namespace) -> int:
         results["batching"] = _batching(args, out, payloads, settings, log)
     else:
         if scenario in ("full", "saturation"):
-            results["in_process"] = in_process_throughput(store / f"{args.model}.mar", payloads)
-            ip = results["in_process"]
-            log(f"in-process handler: {ip['samples_per_s']:.0f} samples/s at batch {ip['batch_size']}")
-        info, token = _start(out / "serve", args.model, store, log)
-        run = LoadTestRun(out, args.model, info.inference_url, token, out / "payloads.json", info.metrics_url,
-                          args.settle, log, info.pid)  # fmt: skip
+            results["in_process"] = ip = in_process_reference(store / f"{args.model}.mar", payloads)
+            log(
+                f"in-process handler: {ip['samples_per_s']:.0f} samples/s at batch {ip['batch_size']}, "
+                f"{ip['threads']} thread(s)"
+            )
+        run = _start(out, out / "serve", args.model, store, out / "payloads.json", args.settle, log)
         try:
             if scenario == "smoke":
                 results["smoke"] = smoke(run, args.stage_seconds)

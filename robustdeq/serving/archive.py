@@ -53,6 +53,7 @@ __all__ = [
     "SHIPPED",
     "build_archives",
     "archive_name",
+    "read_model_config",
     "DEFENDED_SUFFIX",
 ]
 
@@ -79,10 +80,17 @@ class LaneConfig:
 #: The defended timeout covers the worst request the hard bounds allow with a wide margin:
 #: T_f = 1, R = 50 on a full batch of 4 took 3.5 s for lyadeq-tiny (1.1 s for deq-tiny) on
 #: one CPU thread here. Bigger models on a CPU need their own (``robustdeq archive --defended-lane``).
+#: Two plain workers of one thread each: on this 2-core machine one worker saturated at 0.55-0.6x
+#: of the in-process handler (it can only ever use one core); two reached 0.9x of the handler
+#: given both cores (docs/performance.md, "Workers and priorities").
 LANE_DEFAULTS = {
-    "plain": LaneConfig(batch_size=16, max_batch_delay_ms=5, response_timeout_s=30),
+    "plain": LaneConfig(batch_size=16, max_batch_delay_ms=5, response_timeout_s=30, workers=2),
     "defended": LaneConfig(batch_size=4, max_batch_delay_ms=10, response_timeout_s=60),
 }
+
+#: Handler defaults per lane: the defended worker runs at niceness 10, so that a burst of
+#: Algorithm 1 requests takes only the CPU the plain lane leaves idle (the isolation target).
+LANE_HANDLER_DEFAULTS = {"plain": {}, "defended": {"cpu_nice": 10}}
 
 
 def parse_lane_config(text: str) -> LaneConfig:
@@ -155,8 +163,9 @@ def build_archives(
     built = []
     for lane in lanes:
         limits = Limits.from_config(
-            {**(defaults or {}), "lane": lane, "default_defense": "on" if lane == "defended" else "off"}
-        )
+            {**LANE_HANDLER_DEFAULTS[lane], **(defaults or {}), "lane": lane,
+             "default_defense": "on" if lane == "defended" else "off"}
+        )  # fmt: skip
         with tempfile.TemporaryDirectory(prefix="robustdeq-archive-") as tmp:
             tmp = Path(tmp)
             shutil.copyfile(checkpoint, tmp / "model.pt")
@@ -193,6 +202,12 @@ def build_archives(
             _normalise_zip(tmp / f"{target}.mar", out)
             built.append(out)
     return built
+
+
+def read_model_config(archive: Path) -> Dict[str, Any]:
+    """The ``model-config.yaml`` inside a ``.mar`` (batching, workers, the handler section)."""
+    with zipfile.ZipFile(archive) as z:
+        return yaml.safe_load(z.read("model-config.yaml"))
 
 
 def _normalise_zip(src: Path, dst: Path) -> None:

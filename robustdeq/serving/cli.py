@@ -56,7 +56,7 @@ def add_serving_parsers(sub) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="handler default or bound, e.g. --set R=5 --set max_R=20 (see docs: T_f, R, beta, eps, top_k, max_R, "
-        "max_eps, max_beta, max_image_side, max_image_pixels, torch_threads)",
+        "max_eps, max_beta, max_image_side, max_image_pixels, torch_threads, cpu_nice)",
     )
     p.set_defaults(func=_archive)
 

@@ -99,12 +99,15 @@ class InferenceEngine:
     ) -> "InferenceEngine":
         """The engine of an extracted archive: its ``model-config.yaml`` ``handler`` section names
         the files (checkpoint loaded with ``weights_only=True``, card, labels, ONNX graph) and
-        sets the limits. Sets torch's thread count to the section's ``torch_threads``."""
+        sets the limits. Sets the process's torch thread count (``torch_threads``) and CPU
+        niceness (``cpu_nice``): each TorchServe worker is its own process."""
         section = dict(handler_config or {})
         files = {k: section.pop(k) for k in ARCHIVE_FILE_KEYS if k in section}
         limits = Limits.from_config(section)
         if limits.torch_threads > 0:
             torch.set_num_threads(limits.torch_threads)
+        if limits.cpu_nice > 0 and hasattr(os, "setpriority"):
+            os.setpriority(os.PRIO_PROCESS, 0, max(limits.cpu_nice, os.getpriority(os.PRIO_PROCESS, 0)))
 
         def read_json(key: str, default: str):
             path = os.path.join(model_dir, files.get(key, default))

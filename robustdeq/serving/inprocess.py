@@ -44,7 +44,11 @@ class InProcessWorker:
         archive: Union[str, Path],
         workdir: Optional[Union[str, Path]] = None,
         metrics_yaml: Union[str, Path] = DEFAULT_METRICS_YAML,
+        handler_overrides: Optional[Dict[str, Any]] = None,
     ):
+        """``handler_overrides`` replace settings of the archive's ``handler`` section. The
+        archive's ``cpu_nice`` is always dropped: it belongs to a worker process, not to the
+        process that drives this one."""
         import yaml
         from ts.context import Context
         from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
@@ -59,6 +63,9 @@ class InProcessWorker:
             z.extractall(self.model_dir)
             manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
         self.config = yaml.safe_load((self.model_dir / "model-config.yaml").read_text())
+        section = self.config.setdefault("handler", {})
+        section.pop("cpu_nice", None)
+        section.update(handler_overrides or {})
         self.batch_size = int(self.config.get("batchSize", 1))
         metrics = MetricsCacheYamlImpl(str(metrics_yaml))
         metrics.initialize_cache()

@@ -78,6 +78,8 @@ class Limits:
     max_image_side: int = 4096  # inputs.MAX_IMAGE_SIDE
     max_image_pixels: int = 4096 * 4096  # inputs.MAX_IMAGE_PIXELS: bounds a worker's decode memory
     torch_threads: int = 1
+    #: the worker process's CPU niceness (0..19): the defended lane yields the cores to the plain lane
+    cpu_nice: int = 0
 
     @classmethod
     def from_config(cls, section: Optional[Mapping[str, Any]]) -> "Limits":
@@ -111,6 +113,8 @@ class Limits:
             raise ValueError("the default T_f / R / eps lie outside the bounds")
         if not 0 <= self.beta <= self.max_beta or not 1 <= self.top_k <= HARD_MAX_TOP_K:
             raise ValueError("the default beta / top_k lie outside the bounds")
+        if not 0 <= self.cpu_nice <= 19:
+            raise ValueError(f"cpu_nice must be in 0..19 (a worker may only lower its priority), got {self.cpu_nice}")
         if not (1 <= self.max_image_side <= 4096 and 1 <= self.max_image_pixels <= 4096 * 4096):
             raise ValueError("max_image_side / max_image_pixels exceed the hard bounds (4096 a side, 4096x4096)")
 
