@@ -210,7 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="CIFAR-10 source (default: ../shared/data archive)")
     p.set_defaults(func=_export)
 
-    from .evaluation.cli import add_card_parser, add_compare_parser, add_evaluate_parser, add_merge_parser
+    from .evaluation.cli import (
+        add_card_parser,
+        add_combine_parser,
+        add_compare_parser,
+        add_evaluate_parser,
+        add_merge_parser,
+    )
     from .training.cli import add_train_parser
 
     add_train_parser(sub, _train)
@@ -218,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_merge_parser(sub, _merge_shards)
     add_compare_parser(sub, _compare)
     add_card_parser(sub)
+    add_combine_parser(sub)
 
     from .serving.cli import add_serving_parsers
 

@@ -52,9 +52,17 @@ def test_transfer_counts_in_the_worst_case(source, tmp_path):
     assert torch.equal(back.best["none"].robust, clean_correct)  # ...which B does not pass on
 
 
+def test_a_larger_evaluation_of_the_same_seed_is_a_source_for_its_prefix(source, tmp_path):
+    ev = _run(tmp_path / "p", n=12, families=("cross-model",), transfer_from=(f"src={source.out}",))
+    assert torch.equal(ev.best["none"].robust, source.best["none"].robust[:12])
+    assert ev.jobs["cross-model/src"]["defenses"]["defense-T2-R2"]["n"] == 12
+
+
 def test_transfer_source_must_match(source, tmp_path):
     with pytest.raises(ValueError, match="other images"):
-        _run(tmp_path / "d", n=12, families=("cross-model",), transfer_from=(f"src={source.out}",))
+        _run(tmp_path / "d", n=48, families=("cross-model",), transfer_from=(f"src={source.out}",))
+    with pytest.raises(ValueError, match="other images"):
+        _run(tmp_path / "s", seed=1, families=("cross-model",), transfer_from=(f"src={source.out}",))
     with pytest.raises(ValueError, match="eps"):
         _run(tmp_path / "e", eps=4 / 255, families=("cross-model",), transfer_from=(f"src={source.out}",))
     with pytest.raises(FileNotFoundError):

@@ -73,6 +73,7 @@ COVERED = [
     (RD + "accuracy\\b", "tests/test_cli.py::test_accuracy_command_reads_a_checkpoint"),
     (RD + "evaluate\\b", "tests/test_evaluation.py::test_evaluation_end_to_end"),
     (RD + "merge-shards\\b", "tests/test_shards.py::test_sharded_run_equals_one_process"),
+    (RD + "combine-cards\\b", "tests/test_combine_cards.py::test_the_card_keeps_each_row_at_its_own_n"),
     (RD + "models\\b", "tests/test_cli.py::test_models_lists_every_preset"),
     (RD + "compare\\b", "tests/test_evaluation.py::test_cli_compare_prints_mcnemar_table"),
     (RD + "card\\b", "tests/test_cli.py::test_card_prints_the_trade_off_from_any_of_its_homes"),
@@ -241,7 +242,7 @@ def test_shipped_scripts_call_real_recipes(tmp_path):
         'echo "$@" >> "$STUB_LOG"\n'
         'out=""; prev=""; for a in "$@"; do [ "$prev" = "--out" ] && out=$a; prev=$a; done\n'
         'case "$1" in evaluate|merge-shards) mkdir -p "$out"; for f in results.json report.md plot.png '
-        'robustness_card.json; do echo "{}" > "$out/$f"; done;; esac\n'
+        'robustness_card.json; do echo "{}" > "$out/$f"; done;; combine-cards) echo "{}" > "$out";; esac\n'
     )
     stub.chmod(0o755)
     env = {**os.environ, "ROBUSTDEQ": str(stub), "RD": str(stub), "PY": str(stub), "STUB_LOG": str(tmp_path / "log")}
@@ -257,6 +258,9 @@ def test_shipped_scripts_call_real_recipes(tmp_path):
     for call in trains:
         assert (PROJECT_ROOT / re.search(r"--config (\S+)", call)[1]).is_file(), call
     assert (root / "training" / "shipped" / "comparisons.md").is_file()
+    if "deq-small-nfgsm-rs" in trained:  # its defense on the first 200 images, with a combined card
+        assert any(c.startswith("evaluate ") and "--n 200" in c for c in calls)
+        assert any(c.startswith("combine-cards runs/eval/deq-small-nfgsm-rs ") for c in calls)
     # the full test set: two shards at once, then the merge, copied next to the checkpoint
     env["RECIPE"] = trained[0]
     proc = subprocess.run(["bash", str(root / "training" / "evaluate_full_test.sh")], env=env, capture_output=True,

@@ -15,10 +15,16 @@ PY=${PY:-.venv/bin/python}
 # the defense (2,10 and its gated variant) is evaluated adaptively on the defaults
 PLAIN_ATTACKS="pgd ifgsm intermediate apgd-ce apgd-t square"
 
+# The default's defense is evaluated with the full adaptive chain on the first DEFENDED_N of the
+# 1,000 images (about 3 core-minutes per surviving image on deq-small; docs/evaluation.md,
+# "The defense on fewer images"), and its card combines both runs.
+DEFENDED_N=${DEFENDED_N:-200}
+
 # the flags of each recipe's evaluation (the transfer pass must repeat them to resume it)
 flags() {
     case "$1" in
-        deq-small-nfgsm-rs | deq-tiny-trades-rs) echo "" ;;  # everything, with the defense
+        deq-tiny-trades-rs) echo "" ;;  # everything, with the defense
+        deq-small-nfgsm-rs) echo "--defense none" ;;  # everything; the defense on the first images (below)
         lyadeq-* | *-clean) echo "--defense none --attacks $PLAIN_ATTACKS radii checks" ;;
         *) echo "--defense none --attacks $PLAIN_ATTACKS checks" ;;
     esac
@@ -67,6 +73,22 @@ transfer deq-small-nfgsm deq-small-nfgsm-rs
 transfer lyadeq-small-clean deq-small-clean
 transfer deq-small-clean lyadeq-small-clean
 
+# the default's defense on the first DEFENDED_N images, with the same transfers, and its combined card
+defended=deq-small-nfgsm-rs
+if [ -f "runs/eval/$defended/results.json" ]; then
+    sources=()
+    for s in resnet-peer-nfgsm deq-small-nfgsm; do
+        [ -f "runs/eval/$s/results.json" ] && sources+=(--transfer-from "$s=runs/eval/$s")
+    done
+    "$RD" evaluate --checkpoint "training/shipped/$defended/model.pt" --out "runs/eval/$defended-defended" \
+        --n "$DEFENDED_N" "${sources[@]}"
+    mkdir -p "training/shipped/$defended/evaluation-defended"
+    cp runs/eval/"$defended-defended"/{results.json,report.md} runs/eval/"$defended-defended"/*.png \
+        "training/shipped/$defended/evaluation-defended/"
+    "$RD" combine-cards "runs/eval/$defended" "runs/eval/$defended-defended" \
+        --out "training/shipped/$defended/robustness_card.json"
+fi
+
 out=training/shipped/comparisons.md
 {
     echo "# Paired comparisons of the shipped checkpoints"
@@ -91,7 +113,7 @@ out=training/shipped/comparisons.md
         compare_pair "Sec. 3.3 vs its baseline, previous tiny models" deq-tiny-trades deq-tiny-trades-rs $METRICS
         compare_pair "LyaDEQ vs DEQ, previous tiny models" deq-tiny-trades-rs lyadeq-tiny-trades $METRICS
     }
-    for d in deq-small-nfgsm-rs deq-tiny-trades-rs; do
+    for d in deq-small-nfgsm-rs-defended deq-tiny-trades-rs; do
         if [ -f "runs/eval/$d/results.json" ]; then
             echo; echo "## $d: defense settings vs none"; echo
             "$RD" compare "runs/eval/$d"

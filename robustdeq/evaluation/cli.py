@@ -291,12 +291,44 @@ def format_card(card: dict) -> str:
     for s in sorted(card["settings"], key=lambda s: (s["cost_vs_plain"], s["name"])):
         clean = s.get("clean") or (card["clean"] if s["R"] == 0 else None)  # grid rows measured robustness only
         kind = "adaptive attacks" if s["robust_kind"].startswith(("adaptive", "per-sample")) else "transfer only"
+        if s["robust"] and s["robust"]["n"] != card["clean"]["n"]:
+            kind += f" (n = {s['robust']['n']})"
         gate = f", gated above {s['threshold']:.2f} nats" if s.get("gated") else ""
         lines.append(
             f"{s['name']:<16}{s['T_f'] if s['T_f'] else '-':>4}{s['R']:>4}  {pct(clean):<20}"
             f"{pct(s['robust']):<20}{s['cost_vs_plain']:6.1f}x  {kind}{gate}"
         )
     return "\n".join(lines)
+
+
+def add_combine_parser(sub) -> None:
+    p = sub.add_parser(
+        "combine-cards",
+        help="one robustness card from an undefended evaluation and a defended one of its first images",
+        description="The adaptive attacks on the defense cost minutes per image on a CPU, so the defense is often "
+        "evaluated on fewer images: run 'robustdeq evaluate --n 1000 --defense none' and 'robustdeq evaluate --n "
+        "200' (same --seed and --split: the 200 are the first 200 of the 1000), then combine them. The card keeps "
+        "the undefended row at n = 1000 and the defense rows at n = 200, each with its own interval; the command "
+        "checks that the smaller run's images are the larger run's first.",
+    )
+    p.add_argument("main", help="the undefended evaluation (folder or results.json)")
+    p.add_argument("defended", help="the evaluation with the defense settings, on the first images")
+    p.add_argument("--out", required=True, help="where to write the combined robustness_card.json")
+    p.set_defaults(func=run_combine)
+
+
+def run_combine(args: argparse.Namespace) -> int:
+    from .prefix import combine_cards, load_evaluation
+    from .report import validate_card
+
+    card = combine_cards(load_evaluation(args.main), load_evaluation(args.defended))
+    validate_card(card)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(card, indent=1) + "\n")
+    print(format_card(card))
+    print(f"wrote {out}")
+    return 0
 
 
 def run_card(args: argparse.Namespace) -> int:

@@ -173,8 +173,9 @@ class Evaluator(UndefendedAttacks, DefenseAttacks, CrossModelTransfer, PaperAnal
             load_cifar10("test", data, progress=progress) if self.config.split == "test" else self._validation_split()
         )
         order, images, labels = evaluation_subset(pool, self.config.n, self.config.seed)
+        self._pool_identity = (pool.fingerprint, len(pool))
         # the identity of the whole subset, whichever shard of it this process evaluates
-        self.subset_id = hashlib.sha256(pool.fingerprint.encode() + order.numpy().tobytes()).hexdigest()[:16]
+        self.subset_id = self.subset_id_of(self.config.n)
         self.shard = shard
         start, stop = (0, len(order)) if shard is None else shard.bounds(len(order), self.config.block)
         if shard is not None:
@@ -191,6 +192,13 @@ class Evaluator(UndefendedAttacks, DefenseAttacks, CrossModelTransfer, PaperAnal
         self.jobs: Dict[str, dict] = {}
         self.best: Dict[str, BestInput] = {}
         self._load_state(restart)
+
+    def subset_id_of(self, n: int) -> str:
+        """The identity of the first ``n`` images of this evaluation's seeded order. Subsets of one
+        seed and split are prefixes of each other: a larger evaluation holds this one's images first."""
+        fingerprint, size = self._pool_identity
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(self.config.seed))[:n]
+        return hashlib.sha256(fingerprint.encode() + order.numpy().tobytes()).hexdigest()[:16]
 
     # ---- persistence -------------------------------------------------------------------
     def _identity(self) -> dict:

@@ -4,7 +4,8 @@ against ITS undefended model, fed to this model with and without each defense.
 A white-box attack that fails because the gradient is masked usually still transfers from a
 model whose gradient is not; paper 1's transfer table (Table 3) stays within one model, so
 this is the check it leaves out. Sources are finished evaluations of the same subset
-(``--transfer-from LABEL=FOLDER``); their per-sample inputs count in this model's worst case.
+(``--transfer-from LABEL=FOLDER``), or of a larger subset of the same seed, which starts with
+this one's images; their per-sample inputs count in this model's worst case.
 The inputs taken from a source are its white-box best: inputs it received by transfer itself
 are kept apart (``none/white-box`` snapshot), so that A -> B -> A never replays A's own attacks.
 """
@@ -50,9 +51,13 @@ class CrossModelTransfer:
         ident = state["identity"]
         if ident.get("shard"):
             raise ValueError(f"transfer source {folder} is one shard; merge its shards first")
-        if ident["subset_id"] != self.subset_id:
+        source_n = int(ident["config"]["n"])
+        if ident["subset_id"] != self.subset_id and not (
+            source_n >= self.config.n and self.subset_id_of(source_n) == ident["subset_id"]
+        ):
             raise ValueError(f"transfer source {folder} evaluated other images (subset {ident['subset_id']}, "
-                             f"here {self.subset_id}): use the same --n, --seed and --split")  # fmt: skip
+                             f"here {self.subset_id}): use the same --seed and --split, and an --n at least "
+                             "this one's (a larger evaluation of the same seed holds these images first)")  # fmt: skip
         if abs(ident["config"]["eps"] - self.config.eps) > 1e-9:
             raise ValueError(f"transfer source {folder} attacked at eps {ident['config']['eps']:.5f}, "
                              f"here {self.config.eps:.5f}")  # fmt: skip
