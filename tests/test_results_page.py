@@ -54,3 +54,21 @@ def test_every_figure_comes_from_a_committed_result(tmp_path):
     defended = json.loads((tmp_path / "docs" / "robustbench" / f"{recipe}-defense-T2-R10.json").read_text())
     assert plain["number_forward_passes"] == 1 < defended["number_forward_passes"]
     assert plain["autoattack_acc"] == f"{worst:.2f}"
+
+
+def test_a_defense_evaluated_on_the_first_images_is_read_from_its_own_folder(tmp_path):
+    recipe = "deq-tiny-trades-rs"
+    src = PROJECT_ROOT / "training" / "shipped" / recipe / "evaluation" / "results.json"
+    results = json.loads(src.read_text())
+    defended = {**results, "subset": {**results["subset"], "n": 200}}  # what combine-cards pairs
+    for folder, r in (("evaluation", results), ("evaluation-defended", defended)):
+        path = tmp_path / "training" / "shipped" / recipe / folder / "results.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(r))
+    (tmp_path / "docs").mkdir()
+    write_page(tmp_path)
+    assert "defense-T2-R10: " in render_page(tmp_path) and "(first 200)" in render_page(tmp_path)
+    entry = json.loads((tmp_path / "docs" / "robustbench" / f"{recipe}-defense-T2-R10.json").read_text())
+    assert entry["link"].endswith(f"{recipe}/evaluation-defended/results.json") and "200 CIFAR-10" in entry["footnote"]
+    plain = json.loads((tmp_path / "docs" / "robustbench" / f"{recipe}.json").read_text())
+    assert plain["link"].endswith(f"{recipe}/evaluation/results.json") and "1000 CIFAR-10" in plain["footnote"]

@@ -127,6 +127,17 @@ def _defended(r: dict) -> Optional[dict]:
     return None
 
 
+#: where a recipe's defense was evaluated on the first images only (``robustdeq combine-cards``)
+DEFENDED_FOLDER = "evaluation-defended"
+
+
+def _with_defense(root: Path, recipe: str, r: Optional[dict]) -> Tuple[Optional[dict], str]:
+    """The evaluation that holds the recipe's defense: its own ``evaluation-defended`` run on
+    the first images when there is one, else the main evaluation; with its folder."""
+    prefix = _load(root, recipe, DEFENDED_FOLDER)
+    return (prefix, DEFENDED_FOLDER) if prefix is not None else (r, "evaluation")
+
+
 # ---- the page -----------------------------------------------------------------------------
 def render_page(root: Path = PROJECT_ROOT) -> str:
     results = {m.recipe: _load(root, m.recipe) for m in MODELS}
@@ -143,7 +154,7 @@ def render_page(root: Path = PROJECT_ROOT) -> str:
     _headline(L, results, root)
     _paper1(L, results)
     _paper2(L, results)
-    _comparisons(L, results)
+    _comparisons(L, results, root)
     _transfer(L, results)
     _checks(L, results)
     add("\n## RobustBench model-info export\n")
@@ -173,8 +184,11 @@ def _headline(L: List[str], results: Dict[str, Optional[dict]], root: Path) -> N
         if r is None:
             add(f"| `{m.recipe}` | {m.role} | {cpu_h} | not evaluated yet | | | | | | |")
             continue
-        d = _defended(r)
+        rd, _ = _with_defense(root, m.recipe, r)
+        d = _defended(rd)
         defended = f"{d['name']}: {_pct(_from_dict(d['worst_case']))}" if d else "–"
+        if d and rd is not r:
+            defended += f" (first {rd['subset']['n']})"
         add(_model_row(m.recipe, m.role, cpu_h, r, defended, "evaluation"))
         full = _load(root, m.recipe, "evaluation-full")
         if full is not None:  # the full test set, sharded (training/evaluate_full_test.sh)
@@ -285,7 +299,7 @@ def _paper2_verdict(results: Dict[str, Optional[dict]], pending: List[str]) -> s
     return " ".join(parts)
 
 
-def _comparisons(L: List[str], results: Dict[str, Optional[dict]]) -> None:
+def _comparisons(L: List[str], results: Dict[str, Optional[dict]], root: Path) -> None:
     add = L.append
     add("\n## Paired comparisons\n")
     add(
@@ -304,7 +318,7 @@ def _comparisons(L: List[str], results: Dict[str, Optional[dict]]) -> None:
             r = mcnemar(_bits(a, key), _bits(b, key))
             add(_mcnemar_row(question, f"`{a_name}`", f"`{b_name}`", key, r))
     for m in MODELS:
-        r = results[m.recipe]
+        r, _ = _with_defense(root, m.recipe, results[m.recipe])
         d = _defended(r) if r else None
         if d is None:
             continue
@@ -366,7 +380,8 @@ def robustbench_entries(root: Path = PROJECT_ROOT) -> Dict[str, dict]:
         r = _load(root, m.recipe)
         if r is None:
             continue
-        plain, d = r["settings"][0], _defended(r)
+        plain, (rd, folder) = r["settings"][0], _with_defense(root, m.recipe, r)
+        d = _defended(rd)
         pgd = _acc(r, "attack/pgd-ready")
         out[m.recipe] = _robustbench(
             r, m, plain, passes=1, reported=None if pgd is None else pgd.value,
@@ -375,7 +390,7 @@ def robustbench_entries(root: Path = PROJECT_ROOT) -> Dict[str, dict]:
         if d is not None:
             cost = d.get("cost_vs_plain") or 1.0
             out[f"{m.recipe}-{d['name']}"] = _robustbench(
-                r, m, d, passes=max(1, math.ceil(cost)),
+                rd, m, d, passes=max(1, math.ceil(cost)), folder=folder,
                 reported=(d.get("non_adaptive") or {}).get("acc"),
                 note=f"Test-time defense {d['name']} (paper 1 Algorithm 1); the suite includes adaptive attacks "
                 f"through it. reported is the attacks on the undefended model transferred (the paper's number). "
@@ -384,9 +399,11 @@ def robustbench_entries(root: Path = PROJECT_ROOT) -> Dict[str, dict]:
     return out
 
 
-def _robustbench(r: dict, m: Model, setting: dict, passes: int, reported: Optional[float], note: str) -> dict:
+def _robustbench(
+    r: dict, m: Model, setting: dict, passes: int, reported: Optional[float], note: str, folder: str = "evaluation"
+) -> dict:
     return {
-        "link": f"training/shipped/{m.recipe}/evaluation/results.json",
+        "link": f"training/shipped/{m.recipe}/{folder}/results.json",
         "name": f"RobustDEQ Serve {m.recipe}: {m.role}",
         "authors": "RobustDEQ Serve team",
         "additional_data": False,
