@@ -82,9 +82,27 @@ def test_config_errors_are_clear():
         load_config(CONFIGS / "deq-tiny-pgd.yaml", ["optim.epochs=two"])
     with pytest.raises(FileNotFoundError):
         load_config(CONFIGS / "nope.yaml")
+    with pytest.raises(ValueError, match="validation.select must be one of robust, clean, final"):
+        load_config(CONFIGS / "deq-tiny-pgd.yaml", ["validation.select=best"])
     cfg = load_config(CONFIGS / "deq-tiny-trades-rs.yaml", ["attack.eps=4/255"])
     assert cfg.attack.eps == pytest.approx(4 / 255) and cfg.name == "deq-tiny-trades-rs"
     assert cfg.objective.kind == "trades" and cfg.objective.random_depth  # inherited through `extends`
+
+
+def test_the_readout_rules_choose_as_documented():
+    from robustdeq.evaluation import StateAccuracy, choose_readout_state
+
+    # a plain-trained model: PGD accuracy is noise (highest at z[1]), clean accuracy rises to z[6]
+    acc = StateAccuracy(clean_correct=[46, 57, 61, 64, 67, 69, 68, 68], clean_n=100,
+                        robust_correct=[2, 1, 1, 0, 0, 0, 0, 0], robust_n=100)  # fmt: skip
+    assert choose_readout_state(acc, "robust") == 1
+    assert choose_readout_state(acc, "clean") == 6
+    assert choose_readout_state(acc, "final") == 8
+    # ties go to the later state under both accuracy rules
+    tied = StateAccuracy([50, 60, 60], 100, [30, 30, 20], 100)
+    assert choose_readout_state(tied, "robust") == 2 and choose_readout_state(tied, "clean") == 3
+    for r in ("deq-small-clean", "lyadeq-small-clean"):
+        assert load_config(CONFIGS / f"{r}.yaml").validation.select == "final"
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,16 @@ from .ready_made import (
     StateAccuracy,
     checkpoint_accuracy,
     choose_early_state,
+    choose_readout_state,
     ready_made_pgd,
     state_accuracies,
 )
 
-__all__ = ["ready_made_pgd", "StateAccuracy", "state_accuracies", "choose_early_state", "checkpoint_accuracy"]
+__all__ = [
+    "ready_made_pgd",
+    "StateAccuracy",
+    "state_accuracies",
+    "choose_early_state",
+    "choose_readout_state",
+    "checkpoint_accuracy",
+]

@@ -24,7 +24,18 @@ from ..dynamics import phantom_forward
 if TYPE_CHECKING:  # pragma: no cover
     from ..models.base import DEQModel
 
-__all__ = ["ready_made_pgd", "StateAccuracy", "state_accuracies", "choose_early_state", "checkpoint_accuracy"]
+__all__ = [
+    "ready_made_pgd",
+    "StateAccuracy",
+    "state_accuracies",
+    "choose_early_state",
+    "choose_readout_state",
+    "READOUT_RULES",
+    "checkpoint_accuracy",
+]
+
+#: how a training run chooses its readout state on the validation split (``validation.select``)
+READOUT_RULES = ("robust", "clean", "final")
 
 
 def ready_made_pgd(
@@ -150,6 +161,20 @@ def choose_early_state(acc: StateAccuracy) -> int:
     best = max(acc.robust_correct)
     candidates = [i + 1 for i, c in enumerate(acc.robust_correct) if c == best]
     return max(candidates, key=lambda k: (acc.clean_correct[k - 1], k))
+
+
+def choose_readout_state(acc: StateAccuracy, rule: str = "robust") -> int:
+    """The readout state by ``rule``: ``robust`` is :func:`choose_early_state`; ``clean`` the
+    highest clean accuracy (ties to the later state); ``final`` z[N]. A plain-trained model has
+    next to no PGD accuracy anywhere, so ``robust`` would pick a state by noise: its recipes use
+    ``final``, the fixed point that paper 2 reads and attacks."""
+    if rule == "robust":
+        return choose_early_state(acc)
+    if rule == "clean":
+        return max(range(1, len(acc.clean_correct) + 1), key=lambda k: (acc.clean_correct[k - 1], k))
+    if rule == "final":
+        return len(acc.clean_correct)
+    raise ValueError(f"unknown readout rule {rule!r}; choose from {', '.join(READOUT_RULES)}")
 
 
 def checkpoint_accuracy(

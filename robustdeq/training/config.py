@@ -113,6 +113,9 @@ class ValidationSection:
     pgd_step_size: float = 2 / 255
     eps: float = 8 / 255
     selection_n: int = 1000  # validation images for choosing the early state (0 = keep the preset)
+    # how the readout state is chosen: robust (highest PGD accuracy, paper 1 Sec. 4), clean (highest
+    # clean accuracy) or final (z[N]: a plain-trained model, read at its fixed point as in paper 2)
+    select: str = "robust"
     batch_size: int = 250
     # catastrophic overfitting (single-step attacks): validation PGD accuracy this far below the best epoch's
     collapse_drop: float = 0.10
@@ -151,6 +154,7 @@ class TrainConfig:
         return cfg
 
     def validate(self) -> None:
+        from ..evaluation.ready_made import READOUT_RULES
         from ..models import MODEL_PRESETS
 
         problems: List[str] = []
@@ -167,6 +171,7 @@ class TrainConfig:
             "optim.schedule": (self.optim.schedule, SCHEDULES),
             "attack.kind": (self.attack.kind, ATTACKS),
             "validation.on_collapse": (self.validation.on_collapse, ("stop", "warn")),
+            "validation.select": (self.validation.select, READOUT_RULES),
         }
         problems += [
             f"{k} must be one of {', '.join(options)}, got {v!r}"

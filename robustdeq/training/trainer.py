@@ -35,7 +35,7 @@ from torch import Tensor
 from .. import __version__
 from ..checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from ..data import augment, batches_per_epoch, epoch_batches, load_cifar10, train_val_split
-from ..evaluation import choose_early_state, state_accuracies
+from ..evaluation import choose_readout_state, state_accuracies
 from ..models import create_model
 from .config import TrainConfig, config_diff
 from .objectives import Objective, ObjectiveModule, training_step
@@ -564,11 +564,16 @@ class Trainer:
         early: Dict[str, Any] = {"index": None, "method": "preset readout (selection disabled)"}
         val_metrics: Dict[str, Any] = {}
         if v.selection_n > 0:
-            acc = self.validate(v.selection_n, v.selection_n, desc="choosing the early state")
-            k = choose_early_state(acc)
+            acc = self.validate(v.selection_n, v.selection_n, desc="choosing the readout state")
+            k = choose_readout_state(acc, v.select)
+            method = {
+                "robust": f"highest ready-made PGD-{v.pgd_steps} accuracy on the validation split (paper 1 Sec. 4)",
+                "clean": "highest clean accuracy on the validation split",
+                "final": "the final state z[N] (validation.select: final)",
+            }[v.select]
             early = {
                 "index": k,
-                "method": f"highest ready-made PGD-{v.pgd_steps} accuracy on the validation split (paper 1 Sec. 4)",
+                "method": method,
                 "eps": v.eps,
                 "n": acc.robust_n,
                 **acc.to_dict(),
