@@ -290,6 +290,16 @@ def test_shipped_archives_rebuild_byte_for_byte(tmp_path):
     assert plain["minWorkers"] == plain["maxWorkers"] == 2 and plain["handler"].get("cpu_nice", 0) == 0
 
 
+def test_lane_settings_take_each_lane_s_default_workers():
+    parse = archive_mod.parse_lane_config
+    assert parse("16,5,30", "plain").workers == 2 and parse("4,10,60", "defended").workers == 1
+    assert parse("16,5,30").workers == 1 and parse("16,5,30,3", "plain").workers == 3
+    with pytest.raises(ValueError, match="as integers"):
+        parse("16,5", "plain")
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        parse("16,5,30,0")
+
+
 def test_archive_refuses_a_card_of_another_checkpoint(tmp_path):
     other = PROJECT_ROOT / "training" / "shipped" / "deq-tiny-trades" / "robustness_card.json"
     with pytest.raises(ValueError, match="another checkpoint"):

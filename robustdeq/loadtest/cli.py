@@ -51,7 +51,7 @@ def add_loadtest_parser(sub) -> None:
     p.add_argument("--saturated-rate", type=float, default=None,
                    help="saturated plain req/s, for --scenario isolation or soak without a saturation run")  # fmt: skip
     p.add_argument("--plain-lanes", nargs="+",
-                   default=["1,0,30", "4,5,30", "8,5,30", "16,5,30", "32,5,30", "16,5,30,2"],
+                   default=["1,0,30,1", "4,5,30,1", "8,5,30,1", "16,5,30,1", "32,5,30,1", "16,5,30,2"],
                    help="batching scenario: plain-lane BATCH,DELAY_MS,TIMEOUT_S[,WORKERS] configurations")  # fmt: skip
     p.add_argument("--payloads", type=int, default=64, help="distinct test images sent")
     p.set_defaults(func=_run)

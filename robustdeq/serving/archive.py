@@ -93,10 +93,13 @@ LANE_DEFAULTS = {
 LANE_HANDLER_DEFAULTS = {"plain": {}, "defended": {"cpu_nice": 10}}
 
 
-def parse_lane_config(text: str) -> LaneConfig:
-    """``BATCH,DELAY_MS,TIMEOUT_S[,WORKERS]`` (e.g. ``4,10,60``)."""
+def parse_lane_config(text: str, lane: Optional[str] = None) -> LaneConfig:
+    """``BATCH,DELAY_MS,TIMEOUT_S[,WORKERS]`` (e.g. ``4,10,60``); without WORKERS, the default
+    of ``lane`` (:data:`LANE_DEFAULTS`), or 1 when no lane is named."""
     try:
         values = [int(v) for v in text.split(",")]
+        if len(values) == 3 and lane is not None:
+            values.append(LANE_DEFAULTS[lane].workers)
         config = LaneConfig(*values)
     except (TypeError, ValueError):
         raise ValueError(f"lane setting {text!r}: expected BATCH,DELAY_MS,TIMEOUT_S[,WORKERS] as integers") from None

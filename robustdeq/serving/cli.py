@@ -164,7 +164,7 @@ def _archive(args: argparse.Namespace) -> int:
     for lane in LANES:
         text = getattr(args, f"{lane}_lane")
         if text:
-            lane_configs[lane] = parse_lane_config(text)
+            lane_configs[lane] = parse_lane_config(text, lane)
     built = []
     for checkpoint, name, card in jobs:
         built += build_archives(
