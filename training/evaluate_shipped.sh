@@ -4,6 +4,7 @@
 # models with exact McNemar tests, and regenerate docs/results.md.
 #   bash training/evaluate_shipped.sh                      # every trained recipe, resumable
 #   bash training/evaluate_shipped.sh deq-small-nfgsm-rs   # one recipe (its transfers too, where the sources exist)
+#   OMP_NUM_THREADS=1 DEFENDED_N=0 bash training/evaluate_shipped.sh   # one core, beside a training run; no defended run
 # Full runs live in runs/eval/<recipe>; the report, plots, results and robustness card are
 # copied next to each checkpoint (training/shipped/<recipe>/). A recipe without a model.pt
 # (not trained yet) is skipped with a note.
@@ -17,7 +18,8 @@ PLAIN_ATTACKS="pgd ifgsm intermediate apgd-ce apgd-t square"
 
 # The default's defense is evaluated with the full adaptive chain on the first DEFENDED_N of the
 # 1,000 images (about 3 core-minutes per surviving image on deq-small; docs/evaluation.md,
-# "The defense on fewer images"), and its card combines both runs.
+# "The defense on fewer images"), and its card combines both runs. DEFENDED_N=0 leaves the
+# defended run out (for example while the undefended evaluations are queued one core at a time).
 DEFENDED_N=${DEFENDED_N:-200}
 
 # the flags of each recipe's evaluation (the transfer pass must repeat them to resume it)
@@ -75,7 +77,7 @@ transfer deq-small-clean lyadeq-small-clean
 
 # the default's defense on the first DEFENDED_N images, with the same transfers, and its combined card
 defended=deq-small-nfgsm-rs
-if [ -f "runs/eval/$defended/results.json" ]; then
+if [ "$DEFENDED_N" -gt 0 ] && [ -f "runs/eval/$defended/results.json" ]; then
     sources=()
     for s in resnet-peer-nfgsm deq-small-nfgsm; do
         [ -f "runs/eval/$s/results.json" ] && sources+=(--transfer-from "$s=runs/eval/$s")

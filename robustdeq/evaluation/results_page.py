@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from ..data import PROJECT_ROOT
 from ..stats import Proportion, mcnemar, parse_correct_string
 
-__all__ = ["MODELS", "PAIRS", "render_page", "robustbench_entries", "write_page"]
+__all__ = ["MODELS", "PAIRS", "Evaluated", "read_evaluations", "render_page", "robustbench_entries", "write_page"]
 
 
 @dataclass(frozen=True)
@@ -131,16 +131,36 @@ def _defended(r: dict) -> Optional[dict]:
 DEFENDED_FOLDER = "evaluation-defended"
 
 
-def _with_defense(root: Path, recipe: str, r: Optional[dict]) -> Tuple[Optional[dict], str]:
-    """The evaluation that holds the recipe's defense: its own ``evaluation-defended`` run on
-    the first images when there is one, else the main evaluation; with its folder."""
-    prefix = _load(root, recipe, DEFENDED_FOLDER)
-    return (prefix, DEFENDED_FOLDER) if prefix is not None else (r, "evaluation")
+@dataclass(frozen=True)
+class Evaluated:
+    """One model's committed evaluations, read once per page."""
+
+    main: Optional[dict]  # evaluation/results.json
+    defense: Optional[dict]  # the run that holds its defense: evaluation-defended/ when there is one, else main
+    defense_folder: str
+    full: Optional[dict]  # evaluation-full/: the full test set, sharded (training/evaluate_full_test.sh)
+    summary: dict  # the training summary
+
+
+def read_evaluations(root: Path = PROJECT_ROOT) -> Dict[str, Evaluated]:
+    """recipe -> its committed evaluations, for every model on the page."""
+    out = {}
+    for m in MODELS:
+        main, prefix = _load(root, m.recipe), _load(root, m.recipe, DEFENDED_FOLDER)
+        out[m.recipe] = Evaluated(
+            main=main,
+            defense=prefix if prefix is not None else main,
+            defense_folder=DEFENDED_FOLDER if prefix is not None else "evaluation",
+            full=_load(root, m.recipe, "evaluation-full"),
+            summary=_summary(root, m.recipe),
+        )
+    return out
 
 
 # ---- the page -----------------------------------------------------------------------------
-def render_page(root: Path = PROJECT_ROOT) -> str:
-    results = {m.recipe: _load(root, m.recipe) for m in MODELS}
+def render_page(root: Path = PROJECT_ROOT, evaluated: Optional[Dict[str, Evaluated]] = None) -> str:
+    evaluated = read_evaluations(root) if evaluated is None else evaluated
+    results = {recipe: e.main for recipe, e in evaluated.items()}
     L: List[str] = []
     add = L.append
     add("# Results: both papers' claims on this machine's models\n")
@@ -151,10 +171,10 @@ def render_page(root: Path = PROJECT_ROOT) -> str:
         "in % on CIFAR-10 test images (the same seeded subset for every model, n given per row), l_inf "
         "eps = 8/255 unless a column says otherwise, with Wilson 95% intervals in brackets.\n"
     )
-    _headline(L, results, root)
+    _headline(L, evaluated)
     _paper1(L, results)
     _paper2(L, results)
-    _comparisons(L, results, root)
+    _comparisons(L, evaluated)
     _transfer(L, results)
     _checks(L, results)
     add("\n## RobustBench model-info export\n")
@@ -164,12 +184,12 @@ def render_page(root: Path = PROJECT_ROOT) -> str:
         "reference AutoAttack code plus PGD and paper 1's intermediate-state attacks, but not FAB-T; each file's "
         "footnote says so and gives n.\n"
     )
-    for name in robustbench_entries(root):
+    for name in robustbench_entries(root, evaluated):
         add(f"- [`{name}.json`](robustbench/{name}.json)")
     return "\n".join(L) + "\n"
 
 
-def _headline(L: List[str], results: Dict[str, Optional[dict]], root: Path) -> None:
+def _headline(L: List[str], evaluated: Dict[str, Evaluated]) -> None:
     add = L.append
     add("## The models\n")
     add(
@@ -178,21 +198,20 @@ def _headline(L: List[str], results: Dict[str, Optional[dict]], root: Path) -> N
     )
     add("|---|---|---|---|---|---|---|---|---|---|")
     for m in MODELS:
-        r = results[m.recipe]
-        cpu = _summary(root, m.recipe).get("cpu_s")
+        e = evaluated[m.recipe]
+        r, rd = e.main, e.defense
+        cpu = e.summary.get("cpu_s")
         cpu_h = f"{cpu / 3600:.2f}" if cpu else "–"
         if r is None:
             add(f"| `{m.recipe}` | {m.role} | {cpu_h} | not evaluated yet | | | | | | |")
             continue
-        rd, _ = _with_defense(root, m.recipe, r)
         d = _defended(rd)
         defended = f"{d['name']}: {_pct(_from_dict(d['worst_case']))}" if d else "–"
         if d and rd is not r:
             defended += f" (first {rd['subset']['n']})"
         add(_model_row(m.recipe, m.role, cpu_h, r, defended, "evaluation"))
-        full = _load(root, m.recipe, "evaluation-full")
-        if full is not None:  # the full test set, sharded (training/evaluate_full_test.sh)
-            add(_model_row(m.recipe, "the same, full test set (sharded)", cpu_h, full, "–", "evaluation-full"))
+        if e.full is not None:  # the full test set, sharded (training/evaluate_full_test.sh)
+            add(_model_row(m.recipe, "the same, full test set (sharded)", cpu_h, e.full, "–", "evaluation-full"))
 
 
 def _model_row(recipe: str, role: str, cpu_h: str, r: dict, defended: str, folder: str) -> str:
@@ -299,7 +318,8 @@ def _paper2_verdict(results: Dict[str, Optional[dict]], pending: List[str]) -> s
     return " ".join(parts)
 
 
-def _comparisons(L: List[str], results: Dict[str, Optional[dict]], root: Path) -> None:
+def _comparisons(L: List[str], evaluated: Dict[str, Evaluated]) -> None:
+    results = {recipe: e.main for recipe, e in evaluated.items()}
     add = L.append
     add("\n## Paired comparisons\n")
     add(
@@ -318,7 +338,7 @@ def _comparisons(L: List[str], results: Dict[str, Optional[dict]], root: Path) -
             r = mcnemar(_bits(a, key), _bits(b, key))
             add(_mcnemar_row(question, f"`{a_name}`", f"`{b_name}`", key, r))
     for m in MODELS:
-        r, _ = _with_defense(root, m.recipe, results[m.recipe])
+        r = evaluated[m.recipe].defense
         d = _defended(r) if r else None
         if d is None:
             continue
@@ -372,15 +392,17 @@ def _checks(L: List[str], results: Dict[str, Optional[dict]]) -> None:
 
 
 # ---- RobustBench export -------------------------------------------------------------------
-def robustbench_entries(root: Path = PROJECT_ROOT) -> Dict[str, dict]:
+def robustbench_entries(root: Path = PROJECT_ROOT, evaluated: Optional[Dict[str, Evaluated]] = None) -> Dict[str, dict]:
     """name -> RobustBench ``model_info`` entry: ``<recipe>`` for each evaluated model without
     its defense, and ``<recipe>-<setting>`` for a defense setting that was attacked adaptively."""
+    evaluated = read_evaluations(root) if evaluated is None else evaluated
     out = {}
     for m in MODELS:
-        r = _load(root, m.recipe)
+        e = evaluated[m.recipe]
+        r = e.main
         if r is None:
             continue
-        plain, (rd, folder) = r["settings"][0], _with_defense(root, m.recipe, r)
+        plain, rd, folder = r["settings"][0], e.defense, e.defense_folder
         d = _defended(rd)
         pgd = _acc(r, "attack/pgd-ready")
         out[m.recipe] = _robustbench(
@@ -426,11 +448,12 @@ def _robustbench(
 def write_page(root: Path = PROJECT_ROOT) -> List[Path]:
     docs = root / "docs"
     page = docs / "results.md"
-    page.write_text(render_page(root))
+    evaluated = read_evaluations(root)
+    page.write_text(render_page(root, evaluated))
     written = [page]
     rb = docs / "robustbench"
     rb.mkdir(exist_ok=True)
-    entries = robustbench_entries(root)
+    entries = robustbench_entries(root, evaluated)
     for stale in rb.glob("*.json"):
         if stale.stem not in entries:
             stale.unlink()

@@ -133,9 +133,23 @@ def in_process_throughput(
 ) -> Dict[str, float]:
     """Samples/s of the archive's handler on full batches, in this process (median of ``repeats``),
     with the archive's ``torch_threads`` or ``threads``."""
-    from ..serving.inprocess import InProcessWorker, make_request
+    return _time_full_batches(_in_process_worker(archive, threads), payloads, repeats)
 
-    worker = InProcessWorker(archive, handler_overrides={"torch_threads": threads} if threads else None)
+
+def _in_process_worker(archive: Path, threads: Optional[int] = None):
+    from ..serving.inprocess import InProcessWorker
+
+    return InProcessWorker(archive, handler_overrides={"torch_threads": threads} if threads else None)
+
+
+def _time_full_batches(worker, payloads: PayloadSet, repeats: int) -> Dict[str, float]:
+    import torch
+
+    from ..serving.inprocess import make_request
+
+    threads = worker.engine.limits.torch_threads
+    if threads > 0:  # the engine set it when it loaded; a worker built or timed since may have changed it
+        torch.set_num_threads(threads)
     b = worker.batch_size
     batch = [make_request(str(i), payloads.pngs[i % len(payloads)], "image/png") for i in range(b)]
     worker.handle(batch)  # warm-up
@@ -147,7 +161,6 @@ def in_process_throughput(
     if any(status != 200 for status, _ in answers):
         raise RuntimeError(f"the in-process handler refused a payload: {answers}")
     seconds = statistics.median(times)
-    threads = worker.engine.limits.torch_threads
     return {"batch_size": b, "batch_ms": seconds * 1e3, "samples_per_s": b / seconds, "repeats": repeats,
             "threads": threads}  # fmt: skip
 
@@ -156,13 +169,17 @@ def in_process_reference(archive: Path, payloads: PayloadSet, rounds: int = 3) -
     """What a served lane is held to: the archive's handler in this process, with the archive's
     ``torch_threads`` (one worker's share) and with every core, in interleaved rounds (medians).
     ``samples_per_s`` is the faster of the two, ``batch_ms`` the full-batch time at the
-    archive's own thread count (what one served worker's handler is compared with)."""
+    archive's own thread count (what one served worker's handler is compared with). Each
+    setting's worker is built once; each round times them in turn."""
     cores = os.cpu_count() or 1
-    runs: Dict[int, List[Dict[str, float]]] = {}
+    own = _in_process_worker(archive)
+    workers = {int(own.engine.limits.torch_threads): own}
+    if cores not in workers:
+        workers[cores] = _in_process_worker(archive, cores)
+    runs: Dict[int, List[Dict[str, float]]] = {t: [] for t in workers}
     for _ in range(rounds):
-        for threads in dict.fromkeys((None, cores)):  # None: the archive's own setting
-            r = in_process_throughput(archive, payloads, threads=threads)
-            runs.setdefault(int(r["threads"]), []).append(r)
+        for t, worker in workers.items():
+            runs[t].append(_time_full_batches(worker, payloads, repeats=30))
     by_threads = {
         t: {k: statistics.median(r[k] for r in rs) for k in ("samples_per_s", "batch_ms")} for t, rs in runs.items()
     }
