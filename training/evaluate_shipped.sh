@@ -26,7 +26,7 @@ DEFENDED_N=${DEFENDED_N:-200}
 flags() {
     case "$1" in
         deq-tiny-trades-rs) echo "" ;;  # everything, with the defense
-        deq-small-nfgsm-rs) echo "--defense none" ;;  # everything; the defense on the first images (below)
+        deq-small-nfgsm-rs | deq-small-nfgsm-rs-long) echo "--defense none" ;;  # everything; the defense: below
         lyadeq-* | *-clean) echo "--defense none --attacks $PLAIN_ATTACKS radii checks" ;;
         *) echo "--defense none --attacks $PLAIN_ATTACKS checks" ;;
     esac
@@ -61,6 +61,7 @@ transfer() {
 
 recipes=("$@")
 [ ${#recipes[@]} -gt 0 ] || recipes=(
+    deq-small-nfgsm-rs-long  # skipped until its long run has finished (no model.pt before that)
     deq-small-nfgsm-rs deq-small-nfgsm lyadeq-small-nfgsm-rs resnet-peer-nfgsm deq-small-clean lyadeq-small-clean
     deq-tiny-trades-rs deq-tiny-trades lyadeq-tiny-trades
 )
@@ -70,13 +71,16 @@ done
 # the transfers of issue 16: the peer and the Sec. 3.3 baseline onto the default, and back;
 # the plain DEQ and the plain LyaDEQ onto each other (paper 2's claim)
 transfer deq-small-nfgsm-rs resnet-peer-nfgsm deq-small-nfgsm
-transfer resnet-peer-nfgsm deq-small-nfgsm-rs
-transfer deq-small-nfgsm deq-small-nfgsm-rs
+transfer resnet-peer-nfgsm deq-small-nfgsm-rs deq-small-nfgsm-rs-long
+transfer deq-small-nfgsm deq-small-nfgsm-rs deq-small-nfgsm-rs-long
+transfer deq-small-nfgsm-rs-long resnet-peer-nfgsm deq-small-nfgsm
 transfer lyadeq-small-clean deq-small-clean
 transfer deq-small-clean lyadeq-small-clean
 
-# the default's defense on the first DEFENDED_N images, with the same transfers, and its combined card
-defended=deq-small-nfgsm-rs
+# the default's defense on the first DEFENDED_N images, with the same transfers, and its combined card:
+# the long run once it is evaluated, the budget-B default before that
+defended=deq-small-nfgsm-rs-long
+[ -f "runs/eval/$defended/results.json" ] || defended=deq-small-nfgsm-rs
 if [ "$DEFENDED_N" -gt 0 ] && [ -f "runs/eval/$defended/results.json" ]; then
     sources=()
     for s in resnet-peer-nfgsm deq-small-nfgsm; do
@@ -109,13 +113,14 @@ out=training/shipped/comparisons.md
     # shellcheck disable=SC2086
     {
         compare_pair "Sec. 3.3 vs its baseline" deq-small-nfgsm deq-small-nfgsm-rs $METRICS
+        compare_pair "the default's long run vs its budget-B run" deq-small-nfgsm-rs deq-small-nfgsm-rs-long $METRICS
         compare_pair "LyaDEQ vs DEQ" deq-small-nfgsm-rs lyadeq-small-nfgsm-rs $METRICS
         compare_pair "DEQ vs the explicit peer" resnet-peer-nfgsm deq-small-nfgsm-rs $METRICS
         compare_pair "plain LyaDEQ vs plain DEQ" deq-small-clean lyadeq-small-clean $METRICS
         compare_pair "Sec. 3.3 vs its baseline, previous tiny models" deq-tiny-trades deq-tiny-trades-rs $METRICS
         compare_pair "LyaDEQ vs DEQ, previous tiny models" deq-tiny-trades-rs lyadeq-tiny-trades $METRICS
     }
-    for d in deq-small-nfgsm-rs-defended deq-tiny-trades-rs; do
+    for d in deq-small-nfgsm-rs-long-defended deq-small-nfgsm-rs-defended deq-tiny-trades-rs; do
         if [ -f "runs/eval/$d/results.json" ]; then
             echo; echo "## $d: defense settings vs none"; echo
             "$RD" compare "runs/eval/$d"
