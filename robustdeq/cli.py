@@ -214,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_card_parser,
         add_combine_parser,
         add_compare_parser,
+        add_coverage_parser,
         add_evaluate_parser,
         add_merge_parser,
     )
@@ -225,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_compare_parser(sub, _compare)
     add_card_parser(sub)
     add_combine_parser(sub)
+    add_coverage_parser(sub)
 
     from .serving.cli import add_serving_parsers
 

@@ -74,6 +74,7 @@ COVERED = [
     (RD + "evaluate\\b", "tests/test_evaluation.py::test_evaluation_end_to_end"),
     (RD + "merge-shards\\b", "tests/test_shards.py::test_sharded_run_equals_one_process"),
     (RD + "combine-cards\\b", "tests/test_combine_cards.py::test_the_card_keeps_each_row_at_its_own_n"),
+    (RD + "attack-coverage\\b", "tests/test_coverage.py::test_the_shipped_evaluation_and_its_report"),
     (RD + "models\\b", "tests/test_cli.py::test_models_lists_every_preset"),
     (RD + "compare\\b", "tests/test_evaluation.py::test_cli_compare_prints_mcnemar_table"),
     (RD + "card\\b", "tests/test_cli.py::test_card_prints_the_trade_off_from_any_of_its_homes"),
@@ -258,9 +259,11 @@ def test_shipped_scripts_call_real_recipes(tmp_path):
     for call in trains:
         assert (PROJECT_ROOT / re.search(r"--config (\S+)", call)[1]).is_file(), call
     assert (root / "training" / "shipped" / "comparisons.md").is_file()
-    if "deq-small-nfgsm-rs" in trained:  # its defense on the first 200 images, with a combined card
+    if "deq-small-nfgsm-rs" in trained:  # the default's defense on the first 200 images, with a combined card
         assert any(c.startswith("evaluate ") and "--n 200" in c for c in calls)
-        assert any(c.startswith("combine-cards runs/eval/deq-small-nfgsm-rs ") for c in calls)
+        long_done = "deq-small-nfgsm-rs-long" in trained  # the long run is the default once it has finished
+        default = "deq-small-nfgsm-rs-long" if long_done else "deq-small-nfgsm-rs"
+        assert any(c.startswith(f"combine-cards runs/eval/{default} ") for c in calls)
     # the full test set: two shards at once, then the merge, copied next to the checkpoint
     env["RECIPE"] = trained[0]
     proc = subprocess.run(["bash", str(root / "training" / "evaluate_full_test.sh")], env=env, capture_output=True,

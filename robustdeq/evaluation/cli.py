@@ -335,3 +335,24 @@ def run_card(args: argparse.Namespace) -> int:
     card = read_card(Path(args.card))
     print(json.dumps(card, indent=1) if args.json else format_card(card))
     return 0
+
+
+def add_coverage_parser(sub) -> None:
+    p = sub.add_parser(
+        "attack-coverage",
+        help="which attacks set an evaluation's worst case (unique breaks, greedy cover, attack time)",
+        description="Read a finished evaluation and report, for every attack on the undefended model, the "
+        "clean-correct images it breaks, those that only it breaks, and a greedy cover with the accuracy and "
+        "attack time so far: the attacks that a larger run (for example the full test set) needs to reproduce "
+        "this worst case, and what leaving the others out would have cost on these images.",
+    )
+    p.add_argument("evaluation", help="an evaluation folder ('robustdeq evaluate --out') or its results.json")
+    p.set_defaults(func=run_coverage)
+
+
+def run_coverage(args: argparse.Namespace) -> int:
+    from .coverage import attack_coverage, format_coverage
+    from .prefix import load_evaluation
+
+    print(format_coverage(attack_coverage(load_evaluation(args.evaluation))), end="")
+    return 0

@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Optional, Protocol
 
 from .. import __version__
 from ..stats import Proportion
+from .coverage import attack_coverage, format_coverage
 
 
 class FinishedEvaluation(Protocol):
@@ -279,6 +280,9 @@ def markdown_report(r: dict, plots: Dict[str, str]) -> str:
     add("|---|---|---|---|")
     for a in r["attacks"]:
         add(f"| {a['name']} | {_pct(a['acc'])} | {100 * a['P']:.1f}% | {a['delta_H']:+.3f} |")
+    if any(r["per_sample"].get(f"attack/{a['name']}") for a in r["attacks"]):
+        add("\n### Which attacks set the worst case\n")
+        add(format_coverage(attack_coverage(r)) + "`robustdeq attack-coverage` prints this table for any evaluation.")
     if r.get("strongest_intermediate"):
         add(
             f"\nEq. 11 surrogate of APGD and the adaptive attacks (the strongest grid attack on the validation "
