@@ -5,16 +5,22 @@
 #   bash training/evaluate_full_test.sh                 # 2 shards at once, one thread each
 #   SHARDS=10 JOBS=2 bash training/evaluate_full_test.sh  # 10 shards, 2 at a time (resumable per shard)
 #   RECIPE=deq-small-nfgsm bash training/evaluate_full_test.sh
+#   ATTACKS="apgd-t square" bash training/evaluate_full_test.sh   # only the attacks that set the worst case
 # The shards can also run on other machines: copy runs/eval-full/<recipe>/shard-<i>/ back and rerun.
 # Result: training/shipped/<recipe>/evaluation-full/ (results.json, report.md, robustness_card.json).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RD=${RD:-.venv/bin/robustdeq}
-RECIPE=${RECIPE:-deq-small-nfgsm-rs}
+# the default: its long run once that has finished, the budget-B run before
+default=deq-small-nfgsm-rs-long
+[ -f "training/shipped/$default/model.pt" ] || default=deq-small-nfgsm-rs
+RECIPE=${RECIPE:-$default}
 SHARDS=${SHARDS:-2}
 JOBS=${JOBS:-2}
 N=${N:-10000}
-ATTACKS="pgd ifgsm intermediate apgd-ce apgd-t square"
+# every attack family by default; 'robustdeq attack-coverage runs/eval/<recipe>' shows which of them
+# set the 1,000-image worst case, for example ATTACKS="apgd-t apgd-ce" to run only those
+ATTACKS=${ATTACKS:-"pgd ifgsm intermediate apgd-ce apgd-t square"}
 ckpt="training/shipped/$RECIPE/model.pt"
 [ -f "$ckpt" ] || { echo "no $ckpt: train it first (bash training/train_shipped.sh $RECIPE)" >&2; exit 2; }
 base="runs/eval-full/$RECIPE"
