@@ -92,7 +92,7 @@ def test_samples_give_per_stage_windows_throughput_and_failures(tmp_path):
 
 
 def test_latency_parts_split_a_request_by_the_servers_clocks():
-    from robustdeq.loadtest.runner import latency_parts
+    from robustdeq.loadtest.server_clocks import latency_parts
 
     m = "deq-tiny"
     before = {

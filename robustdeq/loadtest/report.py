@@ -39,7 +39,7 @@ def _footer(section: Dict[str, Any]) -> List[str]:
 
 
 def _breakdown(b: Optional[Dict[str, Any]], in_process: Optional[Dict[str, Any]] = None) -> List[str]:
-    """Where a served plain request's time goes (runner.latency_parts), as a table."""
+    """Where a served plain request's time goes (server_clocks.latency_parts), as a table."""
     if not b:
         return []
     rows = [

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -30,7 +29,9 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from ..data import PROJECT_ROOT
+from .reference import in_process_reference, in_process_throughput
 from .samples import Samples
+from .server_clocks import BREAKDOWN_SERIES, latency_parts, mean_batch, metric_totals
 from .traffic import DEFAULT_DEFENDED_SETTINGS, ENV, PLAIN, DefendedSetting, PayloadSet, Stage, build_payloads
 
 LOCUSTFILE = PROJECT_ROOT / "loadtest" / "locustfile.py"
@@ -128,183 +129,15 @@ def _describe(stage: Stage) -> str:
     return f"{stage.users} {stage.user} ({rate}, {stage.duration:.0f} s)"
 
 
-def in_process_throughput(
-    archive: Path, payloads: PayloadSet, repeats: int = 30, threads: Optional[int] = None
-) -> Dict[str, float]:
-    """Samples/s of the archive's handler on full batches, in this process (median of ``repeats``),
-    with the archive's ``torch_threads`` or ``threads``."""
-    return _time_full_batches(_in_process_worker(archive, threads), payloads, repeats)
-
-
-def _in_process_worker(archive: Path, threads: Optional[int] = None):
-    from ..serving.inprocess import InProcessWorker
-
-    return InProcessWorker(archive, handler_overrides={"torch_threads": threads} if threads else None)
-
-
-def _time_full_batches(worker, payloads: PayloadSet, repeats: int) -> Dict[str, float]:
-    import torch
-
-    from ..serving.inprocess import make_request
-
-    threads = worker.engine.limits.torch_threads
-    if threads > 0:  # the engine set it when it loaded; a worker built or timed since may have changed it
-        torch.set_num_threads(threads)
-    b = worker.batch_size
-    batch = [make_request(str(i), payloads.pngs[i % len(payloads)], "image/png") for i in range(b)]
-    worker.handle(batch)  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        answers = worker.handle(batch)
-        times.append(time.perf_counter() - t0)
-    if any(status != 200 for status, _ in answers):
-        raise RuntimeError(f"the in-process handler refused a payload: {answers}")
-    seconds = statistics.median(times)
-    return {"batch_size": b, "batch_ms": seconds * 1e3, "samples_per_s": b / seconds, "repeats": repeats,
-            "threads": threads}  # fmt: skip
-
-
-def in_process_reference(archive: Path, payloads: PayloadSet, rounds: int = 3) -> Dict[str, Any]:
-    """What a served lane is held to: the archive's handler in this process, with the archive's
-    ``torch_threads`` (one worker's share) and with every core, in interleaved rounds (medians).
-    ``samples_per_s`` is the faster of the two, ``batch_ms`` the full-batch time at the
-    archive's own thread count (what one served worker's handler is compared with). Each
-    setting's worker is built once; each round times them in turn."""
-    cores = os.cpu_count() or 1
-    own = _in_process_worker(archive)
-    workers = {int(own.engine.limits.torch_threads): own}
-    if cores not in workers:
-        workers[cores] = _in_process_worker(archive, cores)
-    runs: Dict[int, List[Dict[str, float]]] = {t: [] for t in workers}
-    for _ in range(rounds):
-        for t, worker in workers.items():
-            runs[t].append(_time_full_batches(worker, payloads, repeats=30))
-    by_threads = {
-        t: {k: statistics.median(r[k] for r in rs) for k in ("samples_per_s", "batch_ms")} for t, rs in runs.items()
-    }
-    worker_threads = next(iter(runs))
-    best = max(by_threads, key=lambda t: by_threads[t]["samples_per_s"])
-    first = runs[worker_threads][0]
-    return {
-        "batch_size": first["batch_size"],
-        "repeats": first["repeats"],
-        "rounds": rounds,
-        "by_threads": by_threads,
-        "worker_threads": worker_threads,
-        "batch_ms": by_threads[worker_threads]["batch_ms"],
-        "threads": best,
-        "samples_per_s": by_threads[best]["samples_per_s"],
-    }
-
-
-def _metric_totals(run: LoadTestRun, names: Sequence[str]) -> Dict[str, Dict[str, float]]:
-    """``{sample name: {model: value}}`` for the named samples on the metrics port, summed over
-    every other label (TorchServe's series carry ``model_name``, the handler's ``ModelName``)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    from ..serving.runfolder import http_get
-
-    status, body = http_get(f"{run.metrics_url}/metrics")
-    out: Dict[str, Dict[str, float]] = {name: {} for name in names}
-    if status != 200:
-        return out
-    for family in text_string_to_metric_families(body.decode()):
-        for sample in family.samples:
-            # the parser names a counter's sample NAME_total even where the text says NAME
-            # (TorchServe's ts_*_microseconds counters)
-            name = next((n for n in (sample.name, sample.name.removesuffix("_total")) if n in out), None)
-            if name is not None:
-                model = sample.labels.get("ModelName", sample.labels.get("model_name", ""))
-                out[name][model] = out[name].get(model, 0.0) + sample.value
-    return out
-
-
-def _delta(before: Dict[str, Dict[str, float]], after: Dict[str, Dict[str, float]], name: str, model: str) -> float:
-    """How much one series of :func:`_metric_totals` grew for ``model`` between two snapshots."""
-    return after.get(name, {}).get(model, 0.0) - before.get(name, {}).get(model, 0.0)
-
-
-#: the server-side clocks of a request: TorchServe's frontend (from the parsed request to the
-#: response, and the part of it spent queued until a worker thread took its batch) and the handler
-BREAKDOWN_SERIES = (
-    "ts_inference_requests_total",
-    "ts_inference_latency_microseconds",
-    "ts_queue_latency_microseconds",
-    "robustdeq_handler_latency_seconds_sum",
-    "robustdeq_handler_latency_seconds_count",
-    "robustdeq_batch_size_sum",
-    "robustdeq_batch_size_count",
-)
-
-
-def latency_parts(
-    before: Dict[str, Dict[str, float]],
-    after: Dict[str, Dict[str, float]],
-    model: str,
-    client_mean_ms: float,
-    wall_s: float,
-    workers: int = 1,
-) -> Dict[str, Any]:
-    """Where a served request's time goes, mean ms per request, from two snapshots of
-    :data:`BREAKDOWN_SERIES` around one run (TorchServe 0.12's RestJob: inference latency =
-    response time - job creation, queue latency = worker pickup - job creation):
-
-    * ``outside_frontend``: the client's latency minus the frontend's (HTTP parsing and
-      writing, the loopback socket, Locust itself);
-    * ``queue``: waiting for a worker and for the batch to fill (maxBatchDelay);
-    * ``worker_round_trip``: from pickup to response (the frontend's share of it, the
-      socket to the Python worker, TorchServe's Python plumbing and the handler);
-    * ``handler``: the handler's own time for the request's batch (decode, solve, answer, metrics);
-    * ``ipc_and_plumbing``: the round trip minus the handler.
-
-    ``worker_busy`` is the share of the wall time a plain worker spent on batches, averaged
-    over the ``workers`` (batches x mean round trip / ``wall_s`` / ``workers``), ``handler_busy``
-    the handler's part of it."""
-
-    def delta(name: str) -> float:
-        return _delta(before, after, name, model)
-
-    requests = delta("ts_inference_requests_total")
-    handled = delta("robustdeq_handler_latency_seconds_count")
-    batches = delta("robustdeq_batch_size_count")
-    if requests <= 0 or handled <= 0 or batches <= 0:
-        raise RuntimeError(f"no requests for {model!r} on the metrics port during the breakdown run")
-    frontend = delta("ts_inference_latency_microseconds") / requests / 1e3
-    queue = delta("ts_queue_latency_microseconds") / requests / 1e3
-    handler = delta("robustdeq_handler_latency_seconds_sum") / handled * 1e3
-    round_trip = frontend - queue
-    mean_batch = delta("robustdeq_batch_size_sum") / batches
-    return {
-        "requests": requests,
-        "mean_batch_size": mean_batch,
-        "client_ms": client_mean_ms,
-        "frontend_ms": frontend,
-        "outside_frontend_ms": client_mean_ms - frontend,
-        "queue_ms": queue,
-        "worker_round_trip_ms": round_trip,
-        "handler_ms": handler,
-        "ipc_and_plumbing_ms": round_trip - handler,
-        "workers": workers,
-        "worker_busy": batches * round_trip / 1e3 / wall_s / workers,
-        "handler_busy": batches * handler / 1e3 / wall_s / workers,
-    }
-
-
 def breakdown(run: LoadTestRun, users: int, seconds: float, name: str = "breakdown") -> Dict[str, Any]:
     """One closed-loop plain stage at ``users`` with the server's clocks read before and after:
     :func:`latency_parts` of the plain model, the client's figures and each party's CPU."""
-    before = _metric_totals(run, BREAKDOWN_SERIES)
+    before = metric_totals(run.metrics_url, BREAKDOWN_SERIES)
     samples = run_locust(run, name, [Stage(seconds, users, "PlainUser")])
-    after = _metric_totals(run, BREAKDOWN_SERIES)
+    after = metric_totals(run.metrics_url, BREAKDOWN_SERIES)
     client = samples.stats(PLAIN)  # window_s: first request sent to last answer received
     parts = latency_parts(before, after, run.model, client.mean_ms, client.window_s, run.plain_workers)
     return {"users": users, "seconds": seconds, **parts, "client": client.to_dict(), "cpu_cores": samples.cpu_cores}
-
-
-def _mean_batch(before, after, model: str) -> Optional[float]:
-    count = _delta(before, after, "robustdeq_batch_size_count", model)
-    return _delta(before, after, "robustdeq_batch_size_sum", model) / count if count > 0 else None
 
 
 def _stage_rows(samples: Samples, stages: Sequence[Stage], settle: float, names=None) -> List[Dict[str, Any]]:
@@ -327,9 +160,9 @@ def _overall(samples: Samples) -> List[Dict[str, Any]]:
 def saturation(run: LoadTestRun, users: Sequence[int], seconds: float, name: str = "saturation") -> Dict[str, Any]:
     stages = [Stage(seconds, u, "PlainUser") for u in users]
     batch_series = ("robustdeq_batch_size_sum", "robustdeq_batch_size_count")
-    before = _metric_totals(run, batch_series)
+    before = metric_totals(run.metrics_url, batch_series)
     samples = run_locust(run, name, stages)
-    after = _metric_totals(run, batch_series)
+    after = metric_totals(run.metrics_url, batch_series)
     rows = _stage_rows(samples, stages, run.settle, [PLAIN])
     if not rows:
         raise ValueError(
@@ -342,7 +175,7 @@ def saturation(run: LoadTestRun, users: Sequence[int], seconds: float, name: str
         "overall": _overall(samples),
         "saturated_throughput": best["throughput"],
         "saturated_at_users": best["users"],
-        "mean_batch_size": _mean_batch(before, after, run.model),
+        "mean_batch_size": mean_batch(before, after, run.model),
         "failure_reasons": samples.failure_reasons(),
         "cpu_cores": samples.cpu_cores,
         # where a request's time goes at the saturated load (one more stage at that user count)
