@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from robustdeq.evaluation.coverage import attack_coverage, format_coverage
-from robustdeq.evaluation.report import markdown_report
+from robustdeq.evaluation.report import markdown_report, write_outputs
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TINY_EVAL = PROJECT_ROOT / "training" / "shipped" / "deq-tiny-trades-rs" / "evaluation" / "results.json"
@@ -76,3 +76,10 @@ def test_the_shipped_evaluation_and_its_report():
         capture_output=True, text=True, check=True, cwd=PROJECT_ROOT,
     )  # fmt: skip
     assert "Greedy cover" in out.stdout and "| apgd-t |" in out.stdout
+
+
+def test_the_report_folder_gets_the_coverage_plot(tmp_path):
+    r = json.loads(TINY_EVAL.read_text())
+    write_outputs(r, tmp_path)
+    assert (tmp_path / "attack_coverage.png").stat().st_size > 10_000
+    assert "![coverage](attack_coverage.png)" in (tmp_path / "report.md").read_text()

@@ -436,6 +436,8 @@ def _plots(r: dict, out_dir: Path) -> Dict[str, Path]:
         ax.set_title("T_f x R: robustness vs cost (Table 5)")
         ax.legend(fontsize=8)
         out["table5"] = _save(fig, out_dir / "table5_tf_r_tradeoff.png")
+    if any(r["per_sample"].get(f"attack/{a['name']}") for a in r["attacks"]):
+        out["coverage"] = _save(_coverage_figure(attack_coverage(r), plt), out_dir / "attack_coverage.png")
     checks = r.get("checks")
     if checks and checks.get("eps_sweep"):
         fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -447,6 +449,25 @@ def _plots(r: dict, out_dir: Path) -> Dict[str, Path]:
         ax.set_title("Accuracy vs eps (gradient-masking check)")
         out["eps_sweep"] = _save(fig, out_dir / "check_eps_sweep.png")
     return out
+
+
+def _coverage_figure(c, plt):
+    """Each attack's accuracy against its attack time, and the greedy cover's worst case
+    against the attack time so far (``coverage.attack_coverage``)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    timed = [s for s in c.shares if s.seconds is not None]
+    ax.scatter([s.seconds for s in timed], [100 * s.accuracy for s in timed], alpha=0.5, label="one attack")
+    for s in sorted(timed, key=lambda s: s.accuracy)[:3]:
+        ax.annotate(s.name, (s.seconds, 100 * s.accuracy), fontsize=7)
+    xs = [0.0] + [step.seconds for step in c.cover]
+    ys = [100 * c.clean_correct / c.n] + [100 * step.accuracy for step in c.cover]
+    ax.step(xs, ys, "k-", where="post", label="greedy cover: worst case so far")
+    ax.axhline(100 * c.worst_accuracy, color="red", lw=0.8, ls="--", label="the evaluation's worst case")
+    ax.set_xlabel("attack time (s)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("Which attacks set the worst case")
+    ax.legend(fontsize=8)
+    return fig
 
 
 def _save(fig, path: Path) -> Path:
