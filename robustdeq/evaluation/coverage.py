@@ -21,7 +21,7 @@ from typing import Dict, List, Optional
 
 from ..stats import parse_correct_string
 
-__all__ = ["AttackShare", "CoverStep", "Coverage", "attack_coverage", "format_coverage"]
+__all__ = ["AttackShare", "CoverStep", "Coverage", "attack_coverage", "attacks_with_results", "format_coverage"]
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,8 @@ class Coverage:
     total_seconds: float
 
 
-def _attack_keys(results: dict) -> List[str]:
+def attacks_with_results(results: dict) -> List[str]:
+    """The attacks on the undefended model whose per-sample results the evaluation holds."""
     per = results["per_sample"]
     return [a["name"] for a in results["attacks"] if per.get(f"attack/{a['name']}")]
 
@@ -65,8 +66,8 @@ def attack_coverage(results: dict) -> Coverage:
     """The shares and the greedy cover of a finished evaluation's ``results.json``."""
     per = results["per_sample"]
     clean = parse_correct_string(per["clean"])
-    n = len(clean)
-    names = _attack_keys(results)
+    n, clean_correct = len(clean), sum(clean)
+    names = attacks_with_results(results)
     if not names:
         raise ValueError("the evaluation holds no per-sample attack results on the undefended model")
     seconds = {a["name"]: a.get("seconds") for a in results["attacks"]}
@@ -79,7 +80,7 @@ def attack_coverage(results: dict) -> Coverage:
     shares = []
     for name in names:
         others = set().union(*(b for k, b in broken.items() if k != name))
-        accuracy = (sum(clean) - len(broken[name])) / n
+        accuracy = (clean_correct - len(broken[name])) / n
         shares.append(AttackShare(name, accuracy, len(broken[name]), len(broken[name] - others), seconds.get(name)))
     cover: List[CoverStep] = []
     covered: set = set()
@@ -91,16 +92,16 @@ def attack_coverage(results: dict) -> Coverage:
         covered |= broken[best]
         spent += seconds.get(best) or 0.0
         left.remove(best)
-        cover.append(CoverStep(best, new, (sum(clean) - len(covered)) / n, spent))
-    worst_key = "worst/none"
-    worst = parse_correct_string(per[worst_key]) if per.get(worst_key) else None
+        cover.append(CoverStep(best, new, (clean_correct - len(covered)) / n, spent))
+    union_accuracy = (clean_correct - len(union)) / n
+    worst = parse_correct_string(per["worst/none"]) if per.get("worst/none") else None
     return Coverage(
         n=n,
-        clean_correct=sum(clean),
+        clean_correct=clean_correct,
         shares=shares,
         cover=cover,
-        union_accuracy=(sum(clean) - len(union)) / n,
-        worst_accuracy=(sum(worst) / n) if worst is not None else (sum(clean) - len(union)) / n,
+        union_accuracy=union_accuracy,
+        worst_accuracy=sum(worst) / n if worst is not None else union_accuracy,
         total_seconds=sum(seconds.get(name) or 0.0 for name in names),
     )
 

@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Protocol
 
 from .. import __version__
 from ..stats import Proportion
-from .coverage import attack_coverage, format_coverage
+from .coverage import attack_coverage, attacks_with_results, format_coverage
 
 
 class FinishedEvaluation(Protocol):
@@ -280,7 +280,7 @@ def markdown_report(r: dict, plots: Dict[str, str]) -> str:
     add("|---|---|---|---|")
     for a in r["attacks"]:
         add(f"| {a['name']} | {_pct(a['acc'])} | {100 * a['P']:.1f}% | {a['delta_H']:+.3f} |")
-    if any(r["per_sample"].get(f"attack/{a['name']}") for a in r["attacks"]):
+    if attacks_with_results(r):
         add("\n### Which attacks set the worst case\n")
         add(format_coverage(attack_coverage(r)) + "`robustdeq attack-coverage` prints this table for any evaluation.")
     if r.get("strongest_intermediate"):
@@ -436,7 +436,7 @@ def _plots(r: dict, out_dir: Path) -> Dict[str, Path]:
         ax.set_title("T_f x R: robustness vs cost (Table 5)")
         ax.legend(fontsize=8)
         out["table5"] = _save(fig, out_dir / "table5_tf_r_tradeoff.png")
-    if any(r["per_sample"].get(f"attack/{a['name']}") for a in r["attacks"]):
+    if attacks_with_results(r):
         out["coverage"] = _save(_coverage_figure(attack_coverage(r), plt), out_dir / "attack_coverage.png")
     checks = r.get("checks")
     if checks and checks.get("eps_sweep"):
