@@ -72,3 +72,32 @@ def test_a_defense_evaluated_on_the_first_images_is_read_from_its_own_folder(tmp
     assert entry["link"].endswith(f"{recipe}/evaluation-defended/results.json") and "200 CIFAR-10" in entry["footnote"]
     plain = json.loads((tmp_path / "docs" / "robustbench" / f"{recipe}.json").read_text())
     assert plain["link"].endswith(f"{recipe}/evaluation/results.json") and "1000 CIFAR-10" in plain["footnote"]
+
+
+def _plain_model(pgd2: float, pgd8: float, worst: float, attacks: dict, n: int = 100) -> dict:
+    """A minimal evaluation of a plain-trained model: protocol-exact PGD at 2 and 8/255, per-sample results."""
+    bits = lambda acc: "1" * round(acc * n) + "0" * (n - round(acc * n))  # noqa: E731
+    cells = {f"pgd@{e}/255": {"acc": a} for e, a in ((2, pgd2), (8, pgd8))}
+    per_sample = {"clean": bits(0.7), "worst/none": bits(worst), **{k: bits(a) for k, a in attacks.items()}}
+    return {"paper_tables": {"radii": {"cells": cells}}, "per_sample": per_sample}
+
+
+def test_the_paper2_verdict_says_whether_the_claim_survives_stronger_attacks():
+    from robustdeq.evaluation.results_page import _paper2_verdict
+
+    deq = _plain_model(0.20, 0.02, 0.0, {"attack/apgd-ce": 0.0})
+    # a flat protocol curve that the suite's attacks break: masking, the claim does not hold
+    masked = _plain_model(0.46, 0.45, 0.01, {"attack/pgd-ready": 0.30, "attack/square": 0.01,
+                                             "cross-model/deq-small-clean": 0.20})  # fmt: skip
+    verdict = _paper2_verdict({"lyadeq-small-clean": masked, "deq-small-clean": deq}, [])
+    assert "keeps 45.0% and the plain DEQ 2.0%" in verdict
+    assert "strongest single attack on the LyaDEQ is `square` (1.0%)" in verdict
+    assert "leave the LyaDEQ 20.0%" in verdict and "overstates the LyaDEQ's robustness by 44.0 points" in verdict
+    assert "claim does not hold" in verdict and "neither is robust" in verdict
+    # a LyaDEQ that stays robust under every attack: the claim holds in direction
+    robust = _plain_model(0.40, 0.30, 0.28, {"attack/apgd-t": 0.28})
+    verdict = _paper2_verdict({"lyadeq-small-clean": robust, "deq-small-clean": deq}, [])
+    assert "claim holds in direction" in verdict and "28.0 points more robust" in verdict
+    assert "overstates" not in verdict
+    # one of the two missing: pending, naming what is missing
+    assert _paper2_verdict({"lyadeq-small-clean": robust}, ["deq-small-clean"]).startswith("Pending")
