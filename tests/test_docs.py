@@ -272,3 +272,18 @@ def test_shipped_scripts_call_real_recipes(tmp_path):
     calls = (tmp_path / "log").read_text().splitlines()
     assert sum("--n 10000 --shard" in c for c in calls) == 2 and any(c.startswith("merge-shards") for c in calls)
     assert (root / "training" / "shipped" / trained[0] / "evaluation-full" / "robustness_card.json").is_file()
+    # SHARDS=2: a new evaluation runs as two one-thread shards without the whole-subset families
+    # (the checks), is merged, and then finishes in one process with every family
+    recipe = "deq-small-clean"
+    (root / "training" / "shipped" / recipe / "model.pt").write_bytes(b"")
+    (tmp_path / "log").write_text("")
+    env.update(SHARDS="2", DEFENDED_N="0")
+    proc = subprocess.run(["bash", str(root / "training" / "evaluate_shipped.sh"), recipe], env=env,
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    calls = [c for c in (tmp_path / "log").read_text().splitlines() if f"runs/eval/{recipe}" in c]
+    shards = [c for c in calls if "--shard" in c]
+    assert sorted(re.search(r"--shard (\S+)", c)[1] for c in shards) == ["0/2", "1/2"]
+    assert all("checks" not in c and "radii" in c and "--threads 1" in c for c in shards)
+    assert calls[2].startswith(f"merge-shards --out runs/eval/{recipe} runs/eval/{recipe}-shard-0")
+    assert calls[3].startswith("evaluate ") and "checks" in calls[3] and "--shard" not in calls[3]

@@ -5,6 +5,7 @@
 #   bash training/evaluate_shipped.sh                      # every trained recipe, resumable
 #   bash training/evaluate_shipped.sh deq-small-nfgsm-rs   # one recipe (its transfers too, where the sources exist)
 #   OMP_NUM_THREADS=1 DEFENDED_N=0 bash training/evaluate_shipped.sh   # one core, beside a training run; no defended run
+#   SHARDS=2 bash training/evaluate_shipped.sh deq-small-nfgsm-rs-long   # a new evaluation as 2 shards at once, one core each
 # Full runs live in runs/eval/<recipe>; the report, plots, results and robustness card are
 # copied next to each checkpoint (training/shipped/<recipe>/). A recipe without a model.pt
 # (not trained yet) is skipped with a note.
@@ -21,15 +22,46 @@ PLAIN_ATTACKS="pgd ifgsm intermediate apgd-ce apgd-t square"
 # "The defense on fewer images"), and its card combines both runs. DEFENDED_N=0 leaves the
 # defended run out (for example while the undefended evaluations are queued one core at a time).
 DEFENDED_N=${DEFENDED_N:-200}
+DEFENDED_BLOCK=100  # fixed, so that a defended run resumes whether or not it was sharded
+
+# SHARDS=k runs an evaluation that has not started yet as k processes of one thread each, merges
+# them (robustdeq merge-shards: image for image what one process computes) and finishes the
+# whole-subset families (analyses, checks) in one process. A recipe evaluated this way has a
+# fixed --block in its flags, so that every later pass (transfers, resuming) matches it.
+SHARDS=${SHARDS:-1}
 
 # the flags of each recipe's evaluation (the transfer pass must repeat them to resume it)
 flags() {
     case "$1" in
         deq-tiny-trades-rs) echo "" ;;  # everything, with the defense
-        deq-small-nfgsm-rs | deq-small-nfgsm-rs-long) echo "--defense none" ;;  # everything; the defense: below
+        deq-small-nfgsm-rs) echo "--defense none" ;;  # everything; the defense: below
+        deq-small-nfgsm-rs-long) echo "--defense none --block 500" ;;  # the same, in blocks that 2 shards can split
         lyadeq-* | *-clean) echo "--defense none --attacks $PLAIN_ATTACKS radii checks" ;;
         *) echo "--defense none --attacks $PLAIN_ATTACKS checks" ;;
     esac
+}
+
+# run_eval OUT ARGS...: 'robustdeq evaluate ARGS --out OUT', as $SHARDS shards when OUT has not started
+run_eval() {
+    local out=$1 i shard_args=() shards=() pids=()
+    shift
+    if [ "$SHARDS" -gt 1 ] && [ ! -f "$out/state.json" ]; then
+        for a in "$@"; do  # the whole-subset families run after the merge
+            [ "$a" = checks ] || [ "$a" = analyses ] || shard_args+=("$a")
+        done
+        for ((i = 0; i < SHARDS; i++)); do
+            shards+=("$out-shard-$i")
+            echo "shard $i/$SHARDS of $out: log in $out-shard-$i.log"
+            "$RD" evaluate "${shard_args[@]}" --shard "$i/$SHARDS" --threads 1 --no-progress --out "$out-shard-$i" \
+                > "$out-shard-$i.log" 2>&1 &
+            pids+=($!)
+        done
+        for i in "${!pids[@]}"; do
+            wait "${pids[$i]}" || { echo "shard $i of $out failed: see $out-shard-$i.log" >&2; return 1; }
+        done
+        "$RD" merge-shards --out "$out" "${shards[@]}"
+    fi
+    "$RD" evaluate "$@" --out "$out"
 }
 
 evaluate() {
@@ -40,7 +72,7 @@ evaluate() {
         return 0
     fi
     # shellcheck disable=SC2046
-    "$RD" evaluate --checkpoint "training/shipped/$recipe/model.pt" --out "runs/eval/$recipe" $(flags "$recipe") "$@"
+    run_eval "runs/eval/$recipe" --checkpoint "training/shipped/$recipe/model.pt" $(flags "$recipe") "$@"
     mkdir -p "training/shipped/$recipe/evaluation"
     cp runs/eval/"$recipe"/{results.json,report.md} runs/eval/"$recipe"/*.png "training/shipped/$recipe/evaluation/"
     cp "runs/eval/$recipe/robustness_card.json" "training/shipped/$recipe/"
@@ -86,8 +118,8 @@ if [ "$DEFENDED_N" -gt 0 ] && [ -f "runs/eval/$defended/results.json" ]; then
     for s in resnet-peer-nfgsm deq-small-nfgsm; do
         [ -f "runs/eval/$s/results.json" ] && sources+=(--transfer-from "$s=runs/eval/$s")
     done
-    "$RD" evaluate --checkpoint "training/shipped/$defended/model.pt" --out "runs/eval/$defended-defended" \
-        --n "$DEFENDED_N" "${sources[@]}"
+    run_eval "runs/eval/$defended-defended" --checkpoint "training/shipped/$defended/model.pt" \
+        --n "$DEFENDED_N" --block "$DEFENDED_BLOCK" "${sources[@]}"
     mkdir -p "training/shipped/$defended/evaluation-defended"
     cp runs/eval/"$defended-defended"/{results.json,report.md} runs/eval/"$defended-defended"/*.png \
         "training/shipped/$defended/evaluation-defended/"
