@@ -22,7 +22,10 @@ PLAIN_ATTACKS="pgd ifgsm intermediate apgd-ce apgd-t square"
 # "The defense on fewer images"), and its card combines both runs. DEFENDED_N=0 leaves the
 # defended run out (for example while the undefended evaluations are queued one core at a time).
 DEFENDED_N=${DEFENDED_N:-200}
-DEFENDED_BLOCK=100  # fixed, so that a defended run resumes whether or not it was sharded
+# blocks of 100 (2 shards can split 200 images) and batches of 100, as in the long default's main
+# run: every batch is seeded by its first image's position, so the defended run's undefended
+# results repeat the main run's first images (docs/evaluation.md, "The defense on fewer images")
+DEFENDED_BATCHES="--block 100 --batch-size 100"
 
 # SHARDS=k runs an evaluation that has not started yet as k processes of one thread each, merges
 # them (robustdeq merge-shards: image for image what one process computes) and finishes the
@@ -35,7 +38,8 @@ flags() {
     case "$1" in
         deq-tiny-trades-rs) echo "" ;;  # everything, with the defense
         deq-small-nfgsm-rs) echo "--defense none" ;;  # everything; the defense: below
-        deq-small-nfgsm-rs-long) echo "--defense none --block 500" ;;  # the same, in blocks that 2 shards can split
+        # the same, in blocks that 2 shards can split and batches that its defended run repeats
+        deq-small-nfgsm-rs-long) echo "--defense none --block 500 --batch-size 100" ;;
         lyadeq-* | *-clean) echo "--defense none --attacks $PLAIN_ATTACKS radii checks" ;;
         *) echo "--defense none --attacks $PLAIN_ATTACKS checks" ;;
     esac
@@ -119,7 +123,7 @@ if [ "$DEFENDED_N" -gt 0 ] && [ -f "runs/eval/$defended/results.json" ]; then
         [ -f "runs/eval/$s/results.json" ] && sources+=(--transfer-from "$s=runs/eval/$s")
     done
     run_eval "runs/eval/$defended-defended" --checkpoint "training/shipped/$defended/model.pt" \
-        --n "$DEFENDED_N" --block "$DEFENDED_BLOCK" "${sources[@]}"
+        --n "$DEFENDED_N" $DEFENDED_BATCHES "${sources[@]}"
     mkdir -p "training/shipped/$defended/evaluation-defended"
     cp runs/eval/"$defended-defended"/{results.json,report.md} runs/eval/"$defended-defended"/*.png \
         "training/shipped/$defended/evaluation-defended/"
