@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -230,6 +232,25 @@ def test_evaluation_resumes_and_refuses_other_settings(tiny_evaluation):
     assert fewer.jobs.keys() == ev.jobs.keys()  # another family selection resumes the same evaluation
     with pytest.raises(ValueError, match="--restart"):
         Evaluator(str(SHIPPED), str(out), EvalConfig(**{**TINY, "steps": 3}), device="cpu", progress=False)
+
+
+def test_each_finished_job_logs_one_line(tiny_evaluation, tmp_path, capsys):
+    out, results, _ = tiny_evaluation
+    for f in ("state.json", "state.pt"):
+        shutil.copy(out / f, tmp_path / f)
+    Evaluator(str(SHIPPED), str(tmp_path), EvalConfig(**TINY), device="cpu", progress=False).run()
+    assert "evaluate:" not in capsys.readouterr().err  # a finished evaluation reruns nothing, says nothing
+    state = json.loads((tmp_path / "state.json").read_text())
+    del state["jobs"]["square"]
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    Evaluator(str(SHIPPED), str(tmp_path), EvalConfig(**TINY), device="cpu", progress=False).run()
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("evaluate:")]
+    square = next(a for a in results["attacks"] if a["name"] == "square")
+    assert len(lines) == 1 and re.fullmatch(
+        rf"evaluate: \d\d:\d\d:\d\d square, accuracy {100 * square['acc']['acc']:.1f}%, "
+        r"worst case so far \d+\.\d%( \(\d+ s\))",
+        lines[0],
+    ), lines
 
 
 def test_compare_pairs_the_same_images(tiny_evaluation, tmp_path):

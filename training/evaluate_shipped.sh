@@ -65,7 +65,8 @@ run_eval() {
         done
         "$RD" merge-shards --out "$out" "${shards[@]}"
     fi
-    "$RD" evaluate "$@" --out "$out"
+    # progress bars on a terminal; in a log, the evaluator's line per finished job
+    if [ -t 2 ]; then "$RD" evaluate "$@" --out "$out"; else "$RD" evaluate "$@" --no-progress --out "$out"; fi
 }
 
 evaluate() {

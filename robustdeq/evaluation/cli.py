@@ -110,7 +110,7 @@ def add_evaluate_parser(sub, func) -> None:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--restart", action="store_true", help="discard a previous evaluation in --out")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (each finished job still logs a line)")
     p.set_defaults(func=func)
 
 

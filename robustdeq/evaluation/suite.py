@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -257,6 +258,7 @@ class Evaluator(UndefendedAttacks, DefenseAttacks, CrossModelTransfer, PaperAnal
             result["seconds"] = round(time.perf_counter() - t0, 2)
             self.jobs[name] = result
             self._save()
+            print(_job_line(name, result), file=sys.stderr, flush=True)
         return self.jobs[name]
 
     # ---- batching ----------------------------------------------------------------------
@@ -488,6 +490,22 @@ class Evaluator(UndefendedAttacks, DefenseAttacks, CrossModelTransfer, PaperAnal
         from .report import assemble_results
 
         return assemble_results(self)
+
+
+def _job_line(name: str, result: dict) -> str:
+    """One log line per finished job (stderr), so that a run without progress bars still says
+    where it is: the job, its accuracy and the worst case so far where it has them, its time."""
+    parts = [f"{time.strftime('%H:%M:%S')} {name}"]
+    acc = result.get("acc")
+    acc = acc.get("acc") if isinstance(acc, dict) else acc
+    if isinstance(acc, (int, float)):
+        parts.append(f"accuracy {100 * acc:.1f}%")
+    if "attacked" in result:
+        parts.append(f"attacked {result['attacked']}, flipped {result.get('flipped', 0)}")
+    worst = result.get("worst_case_so_far") or result.get("after")
+    if isinstance(worst, dict) and isinstance(worst.get("acc"), (int, float)):
+        parts.append(f"worst case so far {100 * worst['acc']:.1f}%")
+    return "evaluate: " + ", ".join(parts) + f" ({result['seconds']:.0f} s)"
 
 
 def _without_families(identity: Optional[dict]) -> Optional[dict]:
