@@ -93,11 +93,15 @@ def test_the_paper2_verdict_says_whether_the_claim_survives_stronger_attacks():
     assert "keeps 45.0% and the plain DEQ 2.0%" in verdict
     assert "strongest single attack on the LyaDEQ is `square` (1.0%)" in verdict
     assert "leave the LyaDEQ 20.0%" in verdict and "overstates the LyaDEQ's robustness by 44.0 points" in verdict
-    assert "claim does not hold" in verdict and "neither is robust" in verdict
+    assert "claim holds only under the protocol's attack" in verdict and "(43.0 points)" in verdict
     # a LyaDEQ that stays robust under every attack: the claim holds in direction
     robust = _plain_model(0.40, 0.30, 0.28, {"attack/apgd-t": 0.28})
     verdict = _paper2_verdict({"lyadeq-small-clean": robust, "deq-small-clean": deq}, [])
     assert "claim holds in direction" in verdict and "28.0 points more robust" in verdict
     assert "overstates" not in verdict
+    # no more robust than the DEQ even under the protocol: the claim does not hold at all
+    broken = _plain_model(0.30, 0.0, 0.0, {"attack/pgd-ready": 0.0})
+    verdict = _paper2_verdict({"lyadeq-small-clean": broken, "deq-small-clean": deq}, [])
+    assert "not even under the protocol's own attack" in verdict and "(0.0% against 2.0% under the protocol" in verdict
     # one of the two missing: pending, naming what is missing
     assert _paper2_verdict({"lyadeq-small-clean": robust}, ["deq-small-clean"]).startswith("Pending")
