@@ -243,7 +243,7 @@ def test_shipped_scripts_call_real_recipes(tmp_path):
         'echo "$@" >> "$STUB_LOG"\n'
         'out=""; prev=""; for a in "$@"; do [ "$prev" = "--out" ] && out=$a; prev=$a; done\n'
         'case "$1" in evaluate|merge-shards) mkdir -p "$out"; for f in results.json report.md plot.png '
-        'robustness_card.json; do echo "{}" > "$out/$f"; done;; combine-cards) echo "{}" > "$out";; esac\n'
+        'robustness_card.json state.json; do echo "{}" > "$out/$f"; done;; combine-cards) echo "{}" > "$out";; esac\n'
     )
     stub.chmod(0o755)
     env = {**os.environ, "ROBUSTDEQ": str(stub), "RD": str(stub), "PY": str(stub), "STUB_LOG": str(tmp_path / "log")}
@@ -276,14 +276,16 @@ def test_shipped_scripts_call_real_recipes(tmp_path):
     # (the checks), is merged, and then finishes in one process with every family
     recipe = "deq-small-clean"
     (root / "training" / "shipped" / recipe / "model.pt").write_bytes(b"")
+    shutil.rmtree(root / "runs" / "eval" / recipe, ignore_errors=True)  # not started yet
     (tmp_path / "log").write_text("")
     env.update(SHARDS="2", DEFENDED_N="0")
     proc = subprocess.run(["bash", str(root / "training" / "evaluate_shipped.sh"), recipe], env=env,
                           capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    calls = [c for c in (tmp_path / "log").read_text().splitlines() if f"runs/eval/{recipe}" in c]
-    shards = [c for c in calls if "--shard" in c]
-    assert sorted(re.search(r"--shard (\S+)", c)[1] for c in shards) == ["0/2", "1/2"]
+    calls = (tmp_path / "log").read_text().splitlines()
+    shards = [c for c in calls if "--shard" in c]  # only the new evaluation: the transfer passes resume it
+    assert sorted(re.search(r"--shard (\S+) .*--out (\S+)", c).groups() for c in shards) == [
+        ("0/2", f"runs/eval/{recipe}-shard-0"), ("1/2", f"runs/eval/{recipe}-shard-1")]  # fmt: skip
     assert all("checks" not in c and "radii" in c and "--threads 1" in c for c in shards)
     assert calls[2].startswith(f"merge-shards --out runs/eval/{recipe} runs/eval/{recipe}-shard-0")
-    assert calls[3].startswith("evaluate ") and "checks" in calls[3] and "--shard" not in calls[3]
+    assert calls[3].startswith("evaluate ") and "checks" in calls[3] and calls[3].endswith(f"--out runs/eval/{recipe}")
