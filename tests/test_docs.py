@@ -241,6 +241,7 @@ def test_shipped_scripts_call_real_recipes(tmp_path):
     stub.write_text(
         "#!/usr/bin/env bash\n"
         'echo "$@" >> "$STUB_LOG"\n'
+        '[ -n "${STUB_FAIL:-}" ] && [[ " $* " == *" --shard $STUB_FAIL "* ]] && exit 1\n'
         'out=""; prev=""; for a in "$@"; do [ "$prev" = "--out" ] && out=$a; prev=$a; done\n'
         'case "$1" in evaluate|merge-shards) mkdir -p "$out"; for f in results.json report.md plot.png '
         'robustness_card.json state.json; do echo "{}" > "$out/$f"; done;; combine-cards) echo "{}" > "$out";; esac\n'
@@ -270,8 +271,15 @@ def test_shipped_scripts_call_real_recipes(tmp_path):
                           text=True)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     calls = (tmp_path / "log").read_text().splitlines()
-    assert sum("--n 10000 --shard" in c for c in calls) == 2 and any(c.startswith("merge-shards") for c in calls)
+    shard_calls = [c for c in calls if "--n 10000" in c and "--shard" in c]
+    assert len(shard_calls) == 2 and calls[-1].startswith(f"merge-shards --out runs/eval-full/{trained[0]}/merged")
     assert (root / "training" / "shipped" / trained[0] / "evaluation-full" / "robustness_card.json").is_file()
+    # a failed shard stops the script before the merge and names its log
+    (tmp_path / "log").write_text("")
+    proc = subprocess.run(["bash", str(root / "training" / "evaluate_full_test.sh")], env={**env, "STUB_FAIL": "1/2"},
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode != 0 and f"runs/eval-full/{trained[0]}/shard-*.log" in proc.stderr
+    assert not any(c.startswith("merge-shards") for c in (tmp_path / "log").read_text().splitlines())
     # SHARDS=2: a new evaluation runs as two one-thread shards without the whole-subset families
     # (the checks), is merged, and then finishes in one process with every family
     recipe = "deq-small-clean"

@@ -11,6 +11,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RD=${RD:-.venv/bin/robustdeq}
+# shellcheck source=training/shards.sh
+source training/shards.sh
 # the default: its long run once that has finished, the budget-B run before
 default=deq-small-nfgsm-rs-long
 [ -f "training/shipped/$default/model.pt" ] || default=deq-small-nfgsm-rs
@@ -25,18 +27,8 @@ ckpt="training/shipped/$RECIPE/model.pt"
 [ -f "$ckpt" ] || { echo "no $ckpt: train it first (bash training/train_shipped.sh $RECIPE)" >&2; exit 2; }
 base="runs/eval-full/$RECIPE"
 mkdir -p "$base"
-running=0
-for ((i = 0; i < SHARDS; i++)); do
-    # shellcheck disable=SC2086
-    "$RD" evaluate --checkpoint "$ckpt" --n "$N" --shard "$i/$SHARDS" --defense none --attacks $ATTACKS \
-        --threads 1 --no-progress --out "$base/shard-$i" > "$base-shard-$i.log" 2>&1 &
-    running=$((running + 1))
-    if [ "$running" -ge "$JOBS" ]; then wait -n; running=$((running - 1)); fi
-done
-wait
-shards=()
-for ((i = 0; i < SHARDS; i++)); do shards+=("$base/shard-$i"); done
-"$RD" merge-shards --out "$base/merged" "${shards[@]}"
+# shellcheck disable=SC2086
+run_shards "$base/merged" "$base/shard" "$SHARDS" "$JOBS" --checkpoint "$ckpt" --n "$N" --defense none --attacks $ATTACKS
 mkdir -p "training/shipped/$RECIPE/evaluation-full"
 cp "$base"/merged/{results.json,report.md,robustness_card.json} "training/shipped/$RECIPE/evaluation-full/"
 echo "wrote training/shipped/$RECIPE/evaluation-full/"

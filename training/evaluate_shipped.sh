@@ -12,6 +12,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RD=${RD:-.venv/bin/robustdeq}
+# shellcheck source=training/shards.sh
+source training/shards.sh
 PY=${PY:-.venv/bin/python}
 # every model gets the same attacks on the undefended model, so that their worst cases compare;
 # the defense (2,10 and its gated variant) is evaluated adaptively on the defaults
@@ -47,23 +49,13 @@ flags() {
 
 # run_eval OUT ARGS...: 'robustdeq evaluate ARGS --out OUT', as $SHARDS shards when OUT has not started
 run_eval() {
-    local out=$1 i shard_args=() shards=() pids=()
+    local out=$1 shard_args=()
     shift
     if [ "$SHARDS" -gt 1 ] && [ ! -f "$out/state.json" ]; then
         for a in "$@"; do  # the whole-subset families run after the merge
             [ "$a" = checks ] || [ "$a" = analyses ] || shard_args+=("$a")
         done
-        for ((i = 0; i < SHARDS; i++)); do
-            shards+=("$out-shard-$i")
-            echo "shard $i/$SHARDS of $out: log in $out-shard-$i.log"
-            "$RD" evaluate "${shard_args[@]}" --shard "$i/$SHARDS" --threads 1 --no-progress --out "$out-shard-$i" \
-                > "$out-shard-$i.log" 2>&1 &
-            pids+=($!)
-        done
-        for i in "${!pids[@]}"; do
-            wait "${pids[$i]}" || { echo "shard $i of $out failed: see $out-shard-$i.log" >&2; return 1; }
-        done
-        "$RD" merge-shards --out "$out" "${shards[@]}"
+        run_shards "$out" "$out-shard" "$SHARDS" "$SHARDS" "${shard_args[@]}"
     fi
     # progress bars on a terminal; in a log, the evaluator's line per finished job
     if [ -t 2 ]; then "$RD" evaluate "$@" --out "$out"; else "$RD" evaluate "$@" --no-progress --out "$out"; fi
