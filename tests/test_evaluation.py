@@ -225,9 +225,14 @@ def test_evaluation_resumes_and_refuses_other_settings(tiny_evaluation):
     out, results, _ = tiny_evaluation
     state = json.loads((out / "state.json").read_text())
     ev = Evaluator(str(SHIPPED), str(out), EvalConfig(**TINY), device="cpu", progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".json", ".md", ".png")}
     again = ev.run()  # every job is already done: nothing reruns
     assert json.loads((out / "state.json").read_text())["jobs"].keys() == state["jobs"].keys()
     assert again["per_sample"] == results["per_sample"]
+    # the outputs are dated by the last finished job, so a no-op rerun rewrites the same bytes
+    assert again["date"] == max(job["finished"] for job in state["jobs"].values())
+    write_outputs(again, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".json", ".md", ".png")} == before
     fewer = Evaluator(str(SHIPPED), str(out), EvalConfig(**{**TINY, "families": ("pgd",)}), device="cpu")
     assert fewer.jobs.keys() == ev.jobs.keys()  # another family selection resumes the same evaluation
     with pytest.raises(ValueError, match="--restart"):

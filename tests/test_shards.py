@@ -74,7 +74,7 @@ def _without_timing(obj):
     """Drop what two runs can never share: wall-clock figures, dates and paths."""
     if isinstance(obj, dict):
         return {k: _without_timing(v) for k, v in obj.items()
-                if k not in ("seconds", "cost_vs_plain", "date", "checkpoint", "evaluated")}  # fmt: skip
+                if k not in ("seconds", "finished", "cost_vs_plain", "date", "checkpoint", "evaluated")}  # fmt: skip
     if isinstance(obj, list):
         return [_without_timing(v) for v in obj]
     return obj

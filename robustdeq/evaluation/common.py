@@ -3,6 +3,7 @@ seeds derived from names, and per-sample losses and ratios."""
 
 from __future__ import annotations
 
+import datetime
 import zlib
 from typing import Optional, Sequence
 
@@ -10,7 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["BestInput", "seed_of", "per_sample_ce", "relative_deviation", "median_ratio"]
+__all__ = ["BestInput", "seed_of", "utc_now", "per_sample_ce", "relative_deviation", "median_ratio"]
+
+
+def utc_now() -> str:
+    """The current UTC time to the second, ISO 8601 (the date of a finished job or evaluation)."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def seed_of(*parts) -> int:

@@ -3,13 +3,13 @@ paper's analyses, and the robustness card (the summary a model archive ships).""
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Protocol
 
 from .. import __version__
 from ..stats import Proportion
+from .common import utc_now
 from .coverage import attack_coverage, attacks_with_results, format_coverage
 
 
@@ -106,7 +106,8 @@ def assemble_results(ev: FinishedEvaluation) -> dict:
     results = {
         "format": "robustdeq.evaluation/1",
         "library_version": __version__,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        # when the last job finished: resuming a finished evaluation rewrites the same outputs
+        "date": max((j["finished"] for j in jobs.values() if "finished" in j), default=None) or utc_now(),
         "checkpoint": ev.checkpoint_path,
         "checkpoint_sha256": ev.checkpoint_sha256,
         "model": ev.ckpt.model_name,

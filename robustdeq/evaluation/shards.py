@@ -153,7 +153,7 @@ def _merge_field(key: str, values: List[Any], weights: List[int], path: str) -> 
     if key == "cost_vs_plain":
         present = [v for v in values if v is not None]
         return statistics.median(present) if present else None
-    if key == "max_perturbation":
+    if key in ("max_perturbation", "finished"):  # the finishing time of a job: its last shard's
         return max(values)
     if key in _COUNTS:
         return sum(values)

@@ -41,7 +41,7 @@ from ..defense import DefenseSetting
 from ..stats import Proportion, correct_string
 from .adaptive import defended_logits, readout_logits
 from .analyses import PaperAnalyses
-from .common import BestInput, median_ratio, seed_of
+from .common import BestInput, median_ratio, seed_of, utc_now
 from .defended import UNROLL_BATCH, DefenseAttacks
 from .shards import Shard
 from .transfer import CrossModelTransfer, parse_source
@@ -256,6 +256,7 @@ class Evaluator(UndefendedAttacks, DefenseAttacks, CrossModelTransfer, PaperAnal
             t0 = time.perf_counter()
             result = fn()
             result["seconds"] = round(time.perf_counter() - t0, 2)
+            result["finished"] = utc_now()
             self.jobs[name] = result
             self._save()
             print(_job_line(name, result), file=sys.stderr, flush=True)
