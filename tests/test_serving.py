@@ -35,6 +35,7 @@ from robustdeq.serving.server import Ports, render_config
 
 SHIPPED = PROJECT_ROOT / "training" / "shipped" / "deq-tiny-trades-rs"
 STORE = PROJECT_ROOT / "model_store"
+BASE_NICE = os.getpriority(os.PRIO_PROCESS, 0)  # before any worker: the test runner's own (0, or more under nice)
 SHAPE = (3, 32, 32)
 
 
@@ -355,7 +356,8 @@ def worker(tmp_path_factory):
 def test_an_in_process_worker_keeps_its_caller_s_priority_and_takes_overrides(worker, tmp_path):
     from robustdeq.serving.inprocess import InProcessWorker
 
-    assert os.getpriority(os.PRIO_PROCESS, 0) == 0  # the defended archive's cpu_nice 10 was not applied here
+    # the defended archive's cpu_nice 10 was not applied here
+    assert os.getpriority(os.PRIO_PROCESS, 0) == BASE_NICE
     assert "cpu_nice" not in worker.config["handler"]
     threads = torch.get_num_threads()
     try:
