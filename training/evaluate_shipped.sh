@@ -99,12 +99,14 @@ for recipe in "${recipes[@]}"; do
 done
 # the transfers of issue 16: the peer and the Sec. 3.3 baseline onto the default, and back;
 # the plain DEQ and the plain LyaDEQ onto each other (paper 2's claim)
-transfer deq-small-nfgsm-rs resnet-peer-nfgsm deq-small-nfgsm
+transfer deq-small-nfgsm-rs resnet-peer-nfgsm deq-small-nfgsm lyadeq-small-nfgsm-rs
 transfer resnet-peer-nfgsm deq-small-nfgsm-rs deq-small-nfgsm-rs-long
 transfer deq-small-nfgsm deq-small-nfgsm-rs deq-small-nfgsm-rs-long
 transfer deq-small-nfgsm-rs-long resnet-peer-nfgsm deq-small-nfgsm
 transfer lyadeq-small-clean deq-small-clean
 transfer deq-small-clean lyadeq-small-clean
+# the LyaDEQ and the DEQ of budget B onto each other (LyaDEQ vs DEQ)
+transfer lyadeq-small-nfgsm-rs deq-small-nfgsm-rs
 
 # the default's defense on the first DEFENDED_N images, with the same transfers, and its combined card:
 # the long run once it is evaluated, the budget-B default before that
