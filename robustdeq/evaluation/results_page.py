@@ -33,7 +33,7 @@ class Model:
 
 #: the models on the page, in its order (a model without a committed evaluation shows as pending)
 MODELS: Tuple[Model, ...] = (
-    Model("deq-small-nfgsm-rs-long", "default DEQ: PGD-AT (N-FGSM) + Sec. 3.3, its own long run (9.1 CPU-h, 50 epochs)"),
+    Model("deq-small-nfgsm-rs-long", "default DEQ: PGD-AT (N-FGSM) + Sec. 3.3, its own long run of 9.1 CPU-h"),
     Model("deq-small-nfgsm-rs", "the same recipe on budget B (the paired comparisons)"),
     Model("deq-small-nfgsm", "its baseline: the same without Sec. 3.3, budget B"),
     Model("lyadeq-small-nfgsm-rs", "LyaDEQ of the same size, same recipe, budget B"),
