@@ -75,14 +75,20 @@ evaluate() {
     cp "runs/eval/$recipe/robustness_card.json" "training/shipped/$recipe/"
 }
 
+# transfer_args SOURCE...: '--transfer-from S=runs/eval/S' for each source that has been evaluated, one word a line
+transfer_args() {
+    local s
+    for s in "$@"; do
+        if [ -f "runs/eval/$s/results.json" ]; then printf '%s\n' --transfer-from "$s=runs/eval/$s"; fi
+    done
+}
+
 # cross-model transfer (docs/evaluation.md): TARGET SOURCE...; sources that were not evaluated are left out
 transfer() {
     local target=$1 sources=()
     shift
     [ -f "runs/eval/$target/results.json" ] || return 0
-    for s in "$@"; do
-        [ -f "runs/eval/$s/results.json" ] && sources+=(--transfer-from "$s=runs/eval/$s")
-    done
+    mapfile -t sources < <(transfer_args "$@")
     [ ${#sources[@]} -gt 0 ] || return 0
     # the same flags as the first pass (so it resumes), then only the new family
     evaluate "$target" --attacks cross-model "${sources[@]}"
@@ -113,10 +119,7 @@ transfer lyadeq-small-nfgsm-rs deq-small-nfgsm-rs
 defended=deq-small-nfgsm-rs-long
 [ -f "runs/eval/$defended/results.json" ] || defended=deq-small-nfgsm-rs
 if [ "$DEFENDED_N" -gt 0 ] && [ -f "runs/eval/$defended/results.json" ]; then
-    sources=()
-    for s in resnet-peer-nfgsm deq-small-nfgsm; do
-        [ -f "runs/eval/$s/results.json" ] && sources+=(--transfer-from "$s=runs/eval/$s")
-    done
+    mapfile -t sources < <(transfer_args resnet-peer-nfgsm deq-small-nfgsm)
     run_eval "runs/eval/$defended-defended" --checkpoint "training/shipped/$defended/model.pt" \
         --n "$DEFENDED_N" $DEFENDED_BATCHES "${sources[@]}"
     mkdir -p "training/shipped/$defended/evaluation-defended"
