@@ -273,7 +273,7 @@ def test_observations_cover_the_modes(engine, test_batch):
 # ---- archives and config ---------------------------------------------------------------------
 def test_shipped_archives_rebuild_byte_for_byte(tmp_path):
     for name, checkpoint in archive_mod.SHIPPED.items():
-        built = archive_mod.build_archives(checkpoint, name, tmp_path)
+        built = archive_mod.build_archives(checkpoint, name, tmp_path, lane_configs=archive_mod.SHIPPED_LANES.get(name))
         for path in built:
             shipped = STORE / path.name
             assert shipped.is_file(), f"{shipped} missing: run make archives"
@@ -289,6 +289,8 @@ def test_shipped_archives_rebuild_byte_for_byte(tmp_path):
     assert config["handler"]["cpu_nice"] == 10 and config["minWorkers"] == 1
     plain = archive_mod.read_model_config(STORE / "deq-tiny.mar")
     assert plain["minWorkers"] == plain["maxWorkers"] == 2 and plain["handler"].get("cpu_nice", 0) == 0
+    # the slowest shipped model's defended lane has its own, longer timeout
+    assert archive_mod.read_model_config(STORE / "lyadeq-small-defended.mar")["responseTimeout"] == 120
 
 
 def test_lane_settings_take_each_lane_s_default_workers():
@@ -351,6 +353,22 @@ def worker(tmp_path_factory):
     from robustdeq.serving.inprocess import InProcessWorker
 
     return InProcessWorker(STORE / "deq-tiny-defended.mar", tmp_path_factory.mktemp("deq-tiny-defended"))
+
+
+@pytest.mark.parametrize("name", list(archive_mod.SHIPPED))
+def test_every_shipped_archive_answers_with_its_own_card(name, cifar_test, tmp_path):
+    """Each plain archive in model_store/ loads in TorchServe's handler and answers a request,
+    quoting the undefended row of the card evaluated for exactly its checkpoint."""
+    pytest.importorskip("ts")
+    from robustdeq.serving.inprocess import InProcessWorker
+
+    plain = InProcessWorker(STORE / f"{name}.mar", tmp_path)
+    card = json.loads((archive_mod.SHIPPED[name].parent / "robustness_card.json").read_text())
+    image = png_bytes(cifar_test.images[17].permute(1, 2, 0).numpy())
+    [(status, answer)] = plain.handle([make_request("a", image, "image/png")])
+    assert status == 200 and answer["model"] == name and answer["state"] == card["early_state"]
+    undefended = next(s for s in card["settings"] if s["name"] == "none")
+    assert answer["robustness"]["robust"]["acc"] == undefended["robust"]["acc"]
 
 
 def test_an_in_process_worker_keeps_its_caller_s_priority_and_takes_overrides(worker, tmp_path):

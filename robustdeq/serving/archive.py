@@ -40,10 +40,15 @@ DEFENDED_SUFFIX = "-defended"
 FIXED_DATE = (1980, 1, 1, 0, 0, 0)
 FIXED_CREATED_ON = "01/01/1980 00:00:00"
 LANES = ("plain", "defended")
-#: the archives shipped in model_store/ (``make archives``): endpoint name -> checkpoint
+_TRAINED = PROJECT_ROOT / "training" / "shipped"
+#: the archives shipped in model_store/ (``make archives``): endpoint name -> checkpoint.
+#: deq-small is the long-trained default recipe (9.1 CPU-hours), lyadeq-small the LyaDEQ of its
+#: size and recipe (docs/results.md); the tiny ones were trained for about 25 CPU-minutes.
 SHIPPED = {
-    "deq-tiny": PROJECT_ROOT / "training" / "shipped" / "deq-tiny-trades-rs" / "model.pt",
-    "lyadeq-tiny": PROJECT_ROOT / "training" / "shipped" / "lyadeq-tiny-trades" / "model.pt",
+    "deq-small": _TRAINED / "deq-small-nfgsm-rs-long" / "model.pt",
+    "lyadeq-small": _TRAINED / "lyadeq-small-nfgsm-rs" / "model.pt",
+    "deq-tiny": _TRAINED / "deq-tiny-trades-rs" / "model.pt",
+    "lyadeq-tiny": _TRAINED / "lyadeq-tiny-trades" / "model.pt",
 }
 
 __all__ = [
@@ -51,6 +56,7 @@ __all__ = [
     "LANE_DEFAULTS",
     "parse_lane_config",
     "SHIPPED",
+    "SHIPPED_LANES",
     "build_archives",
     "archive_name",
     "read_model_config",
@@ -78,8 +84,9 @@ class LaneConfig:
 
 
 #: The defended timeout covers the worst request the hard bounds allow with a wide margin:
-#: T_f = 1, R = 50 on a full batch of 4 took 3.5 s for lyadeq-tiny (1.1 s for deq-tiny) on
-#: one CPU thread here. Bigger models on a CPU need their own (``robustdeq archive --defended-lane``).
+#: T_f = 1, R = 50 on a full batch of 4 took 1.7 s for deq-tiny, 3.2 s for deq-small and 7.1 s
+#: for lyadeq-tiny on one CPU thread here (``robustdeq bench --batch-size 4 --T_f 1 --R 0 50``).
+#: Bigger models on a CPU need their own (:data:`SHIPPED_LANES`, ``robustdeq archive --defended-lane``).
 #: Two plain workers of one thread each: on this 2-core machine one worker saturated at 0.55-0.6x
 #: of the in-process handler (it can only ever use one core); two reached 0.9x of the handler
 #: given both cores (docs/performance.md, "Workers and priorities").
@@ -87,6 +94,10 @@ LANE_DEFAULTS = {
     "plain": LaneConfig(batch_size=16, max_batch_delay_ms=5, response_timeout_s=30, workers=2),
     "defended": LaneConfig(batch_size=4, max_batch_delay_ms=10, response_timeout_s=60),
 }
+
+#: Shipped models whose lanes differ from :data:`LANE_DEFAULTS`: lyadeq-small's worst defended
+#: batch (T_f = 1, R = 50, 4 images) took 28.4 s on one thread here, so its timeout is 120 s.
+SHIPPED_LANES = {"lyadeq-small": {"defended": LaneConfig(batch_size=4, max_batch_delay_ms=10, response_timeout_s=120)}}
 
 #: Handler defaults per lane: the defended worker runs at niceness 10, so that a burst of
 #: Algorithm 1 requests takes only the CPU the plain lane leaves idle (the isolation target).

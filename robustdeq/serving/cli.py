@@ -29,7 +29,8 @@ def add_serving_parsers(sub) -> None:
     p.add_argument(
         "--shipped",
         action="store_true",
-        help="rebuild the shipped archives (deq-tiny, lyadeq-tiny) from training/shipped/ (what 'make archives' runs)",
+        help="rebuild the shipped archives (archive.SHIPPED: deq-small, lyadeq-small, deq-tiny, lyadeq-tiny) "
+        "from training/shipped/ (what 'make archives' runs)",
     )
     p.add_argument("--out", default=str(DEFAULT_STORE), help="model store folder (default: model_store/)")
     p.add_argument("--card", default=None, help="robustness_card.json (default: the one beside the checkpoint, if any)")
@@ -145,7 +146,7 @@ def add_serving_parsers(sub) -> None:
 
 
 def _archive(args: argparse.Namespace) -> int:
-    from .archive import SHIPPED, build_archives, parse_lane_config
+    from .archive import SHIPPED, SHIPPED_LANES, build_archives, parse_lane_config
 
     defaults = {}
     for item in args.set:
@@ -155,9 +156,9 @@ def _archive(args: argparse.Namespace) -> int:
         defaults[key.strip()] = value.strip()
     lanes = tuple(x.strip() for x in args.lanes.split(",") if x.strip())
     if args.shipped:
-        jobs = [(path, name, None) for name, path in SHIPPED.items()]
+        jobs = [(path, name, None, SHIPPED_LANES.get(name, {})) for name, path in SHIPPED.items()]
     elif args.checkpoint and args.name:
-        jobs = [(Path(args.checkpoint), args.name, Path(args.card) if args.card else None)]
+        jobs = [(Path(args.checkpoint), args.name, Path(args.card) if args.card else None, {})]
     else:
         raise ValueError("give --checkpoint and --name, or --shipped")
     lane_configs = {}
@@ -166,10 +167,10 @@ def _archive(args: argparse.Namespace) -> int:
         if text:
             lane_configs[lane] = parse_lane_config(text, lane)
     built = []
-    for checkpoint, name, card in jobs:
-        built += build_archives(
-            checkpoint, name, Path(args.out), card, lanes, Path(args.handler), lane_configs, defaults, not args.no_onnx
-        )
+    for checkpoint, name, card, shipped_lanes in jobs:
+        lanes_of_model = {**shipped_lanes, **lane_configs}  # the command line's settings win
+        out, handler = Path(args.out), Path(args.handler)
+        built += build_archives(checkpoint, name, out, card, lanes, handler, lanes_of_model, defaults, not args.no_onnx)
     for path in built:
         print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
     return 0
