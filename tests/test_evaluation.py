@@ -235,6 +235,12 @@ def test_evaluation_resumes_and_refuses_other_settings(tiny_evaluation):
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".json", ".md", ".png")} == before
     fewer = Evaluator(str(SHIPPED), str(out), EvalConfig(**{**TINY, "families": ("pgd",)}), device="cpu")
     assert fewer.jobs.keys() == ev.jobs.keys()  # another family selection resumes the same evaluation
+    # an evaluation saved before jobs were dated keeps the date of its outputs when resumed
+    undated = {**state, "jobs": {k: {f: v for f, v in j.items() if f != "finished"} for k, j in state["jobs"].items()}}
+    (out / "state.json").write_text(json.dumps(undated))
+    old = Evaluator(str(SHIPPED), str(out), EvalConfig(**TINY), device="cpu", progress=False)
+    assert {j["finished"] for j in old.jobs.values()} == {results["date"]}
+    (out / "state.json").write_text(json.dumps(state))
     with pytest.raises(ValueError, match="--restart"):
         Evaluator(str(SHIPPED), str(out), EvalConfig(**{**TINY, "steps": 3}), device="cpu", progress=False)
 

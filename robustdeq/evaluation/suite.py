@@ -228,10 +228,21 @@ class Evaluator(UndefendedAttacks, DefenseAttacks, CrossModelTransfer, PaperAnal
                 "use another --out, or --restart to discard it"
             )
         self.jobs = saved["jobs"]
+        self._date_undated_jobs()
         tensors = torch.load(self.out / "state.pt", map_location="cpu", weights_only=True)
         self.best = {k: BestInput(tensors[f"{k}/x"], tensors[f"{k}/margin"]) for k in saved["best"]}
         if self.jobs.get("gate"):
             self._apply_threshold(self.jobs["gate"]["threshold"])
+
+    def _date_undated_jobs(self) -> None:
+        """Jobs saved before jobs were dated get the date of the outputs they made, so that
+        resuming such an evaluation keeps its date (the outputs are dated by the last job)."""
+        undated = [job for job in self.jobs.values() if isinstance(job, dict) and "finished" not in job]
+        results = self.out / "results.json"
+        if undated and results.exists():
+            written = json.loads(results.read_text()).get("date")
+            for job in undated if written else ():
+                job["finished"] = written
 
     def _save(self) -> None:
         tensors = {}
