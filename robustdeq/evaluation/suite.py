@@ -239,10 +239,9 @@ class Evaluator(UndefendedAttacks, DefenseAttacks, CrossModelTransfer, PaperAnal
         resuming such an evaluation keeps its date (the outputs are dated by the last job)."""
         undated = [job for job in self.jobs.values() if isinstance(job, dict) and "finished" not in job]
         results = self.out / "results.json"
-        if undated and results.exists():
-            written = json.loads(results.read_text()).get("date")
-            for job in undated if written else ():
-                job["finished"] = written
+        written = json.loads(results.read_text()).get("date") if undated and results.exists() else None
+        for job in undated if written else []:
+            job["finished"] = written
 
     def _save(self) -> None:
         tensors = {}
