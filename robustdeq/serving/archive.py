@@ -58,6 +58,7 @@ __all__ = [
     "SHIPPED",
     "SHIPPED_LANES",
     "build_archives",
+    "build_shipped",
     "archive_name",
     "read_model_config",
     "DEFENDED_SUFFIX",
@@ -242,3 +243,15 @@ def _normalise_zip(src: Path, dst: Path) -> None:
             info.create_system = 3
             zout.writestr(info, entries[name])
     tmp.replace(dst)
+
+
+def build_shipped(
+    out_dir: Path = DEFAULT_STORE, lane_configs: Optional[Dict[str, LaneConfig]] = None, **kwargs
+) -> List[Path]:
+    """Every :data:`SHIPPED` model's archives (``make archives``): each model's own lane settings
+    (:data:`SHIPPED_LANES`) under ``lane_configs``; the other keywords go to :func:`build_archives`."""
+    built = []
+    for name, checkpoint in SHIPPED.items():
+        lanes_of_model = {**SHIPPED_LANES.get(name, {}), **(lane_configs or {})}
+        built += build_archives(checkpoint, name, out_dir, lane_configs=lanes_of_model, **kwargs)
+    return built

@@ -146,7 +146,7 @@ def add_serving_parsers(sub) -> None:
 
 
 def _archive(args: argparse.Namespace) -> int:
-    from .archive import SHIPPED, SHIPPED_LANES, build_archives, parse_lane_config
+    from .archive import build_archives, build_shipped, parse_lane_config
 
     defaults = {}
     for item in args.set:
@@ -155,22 +155,20 @@ def _archive(args: argparse.Namespace) -> int:
         key, value = item.split("=", 1)
         defaults[key.strip()] = value.strip()
     lanes = tuple(x.strip() for x in args.lanes.split(",") if x.strip())
-    if args.shipped:
-        jobs = [(path, name, None, SHIPPED_LANES.get(name, {})) for name, path in SHIPPED.items()]
-    elif args.checkpoint and args.name:
-        jobs = [(Path(args.checkpoint), args.name, Path(args.card) if args.card else None, {})]
-    else:
+    if not args.shipped and not (args.checkpoint and args.name):
         raise ValueError("give --checkpoint and --name, or --shipped")
     lane_configs = {}
     for lane in LANES:
         text = getattr(args, f"{lane}_lane")
         if text:
             lane_configs[lane] = parse_lane_config(text, lane)
-    built = []
-    for checkpoint, name, card, shipped_lanes in jobs:
-        lanes_of_model = {**shipped_lanes, **lane_configs}  # the command line's settings win
-        out, handler = Path(args.out), Path(args.handler)
-        built += build_archives(checkpoint, name, out, card, lanes, handler, lanes_of_model, defaults, not args.no_onnx)
+    common = dict(lanes=lanes, handler=Path(args.handler), lane_configs=lane_configs, defaults=defaults,
+                  onnx=not args.no_onnx)  # fmt: skip
+    if args.shipped:
+        built = build_shipped(Path(args.out), **common)
+    else:
+        card = Path(args.card) if args.card else None
+        built = build_archives(Path(args.checkpoint), args.name, Path(args.out), card, **common)
     for path in built:
         print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
     return 0
