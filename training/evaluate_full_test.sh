@@ -7,6 +7,8 @@
 #   RECIPE=deq-small-nfgsm bash training/evaluate_full_test.sh
 #   ATTACKS="apgd-t square" bash training/evaluate_full_test.sh   # only the attacks that set the worst case
 # The shards can also run on other machines: copy runs/eval-full/<recipe>/shard-<i>/ back and rerun.
+#   BASE=training/shipped/<recipe>/evaluation-full/shards bash training/evaluate_full_test.sh
+#     keeps the shards beside the result, so that finished shards can be committed and a later checkout resumes
 # Result: training/shipped/<recipe>/evaluation-full/ (results.json, report.md, robustness_card.json).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +27,7 @@ N=${N:-10000}
 ATTACKS=${ATTACKS:-"pgd ifgsm intermediate apgd-ce apgd-t square"}
 ckpt="training/shipped/$RECIPE/model.pt"
 [ -f "$ckpt" ] || { echo "no $ckpt: train it first (bash training/train_shipped.sh $RECIPE)" >&2; exit 2; }
-base="runs/eval-full/$RECIPE"
+base=${BASE:-runs/eval-full/$RECIPE}
 mkdir -p "$base"
 # shellcheck disable=SC2086
 run_shards "$base/merged" "$base/shard" "$SHARDS" "$JOBS" --checkpoint "$ckpt" --n "$N" --defense none --attacks $ATTACKS
