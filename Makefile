@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	@touch $@
 
-serve: setup  ## the main job: TorchServe on 127.0.0.1 with the shipped models (deq-tiny, lyadeq-tiny, plain + defended)
+serve: setup  ## the main job: TorchServe on 127.0.0.1 with the shipped default models (deq-small, lyadeq-small, plain + defended)
 	$(VENV)/bin/robustdeq serve
 
 stop:  ## stop the server started by make serve
@@ -40,8 +40,8 @@ format: setup  ## auto-format with ruff
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench: setup  ## in-process speed benchmark (shipped deq-tiny: plain, ONNX, T_f x R grid, stages, gate, trials, training step)
-	$(VENV)/bin/robustdeq bench --trials --train --repeats 5 --out runs/bench/deq-tiny.json
+bench: setup  ## in-process speed benchmark (the served default deq-small: plain, ONNX, T_f x R grid, stages, gate, trials, training step)
+	$(VENV)/bin/robustdeq bench --trials --train --repeats 5 --out runs/bench/deq-small.json
 
 gpu-check: setup  ## everything a GPU must confirm, in one run (~3 min on a GPU; CPU machines: GPU parts skipped)
 	@if command -v nvidia-smi >/dev/null 2>&1; then \
@@ -52,7 +52,7 @@ gpu-check: setup  ## everything a GPU must confirm, in one run (~3 min on a GPU;
 	PYTHONPATH="$$( [ -d .cache/ort-gpu ] && echo $$PWD/.cache/ort-gpu )" $(VENV)/bin/robustdeq gpu-check --out runs/gpu-check
 
 loadtest: setup  ## Locust against its own server: saturation, defended, isolation, 5-min soak (~12 min)
-	$(VENV)/bin/robustdeq loadtest --scenario full --out runs/loadtest/deq-tiny
+	$(VENV)/bin/robustdeq loadtest --scenario full --out runs/loadtest/deq-small
 
 loadtest-batching: setup  ## saturation per plain-lane batching configuration (~8 min)
 	$(VENV)/bin/robustdeq loadtest --scenario batching --users 8 32 64 --stage-seconds 15 --out runs/loadtest/batching

@@ -41,8 +41,9 @@ from robustdeq.loadtest.traffic import (
     build_payloads,
     check_answer,
 )
+from robustdeq.serving.server import DEFAULT_MODELS
 
-MODEL = os.environ.get(ENV["model"], "deq-tiny")
+MODEL = os.environ.get(ENV["model"], DEFAULT_MODELS[0])
 DEFAULT_STAGES = [Stage(20, users, "PlainUser") for users in (1, 2, 4, 8)]
 STAGES = Stage.load_list(os.environ[ENV["stages"]]) if os.environ.get(ENV["stages"]) else DEFAULT_STAGES
 SETTINGS = (

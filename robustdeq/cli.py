@@ -164,8 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="PNG",
         help="draw the dynamics of --checkpoint on PGD-10 inputs with and without the defense into PNG "
-        "(the README's picture: robustdeq demo --checkpoint training/shipped/deq-tiny-trades-rs/model.pt "
-        "--n 256 --plot docs/img/dynamics.png)",
+        "(the README's picture: robustdeq demo --checkpoint "
+        "training/shipped/deq-small-nfgsm-rs-long/model.pt --n 256 --plot docs/img/dynamics.png)",
     )
     p.add_argument("--checkpoint", default=None, help="with --plot: a model.pt written by 'robustdeq train'")
     p.set_defaults(func=_demo)
@@ -206,7 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the .onnx file to write")
     p.add_argument("--state", type=int, default=None, help="readout state of 'logits' (default: the checkpoint's)")
     p.add_argument("--parity", type=int, default=256, help="test images for the parity check (0 = skip)")
-    p.add_argument("--tolerance", type=float, default=1e-4, help="max |logit difference| allowed (default 1e-4)")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-3,
+        help="max |logit difference| over every state allowed (default 1e-3: float32 rounding grows along the "
+        "Broyden iterates, to 7.2e-4 at deq-small's z[8]); every label must agree in any case",
+    )
     p.add_argument("--data", default=None, help="CIFAR-10 source (default: ../shared/data archive)")
     p.set_defaults(func=_export)
 

@@ -21,8 +21,8 @@ TINY = ["--batch-sizes", "2", "--T_f", "2", "--R", "0", "1", "--repeats", "1", "
 
 @pytest.fixture(scope="module")
 def shipped_run(tmp_path_factory):
-    """The shipped deq-tiny checkpoint (with its robustness card) on a tiny grid."""
-    out = tmp_path_factory.mktemp("bench") / "deq-tiny.json"
+    """The served default checkpoint (deq-small, with its robustness card) on a tiny grid."""
+    out = tmp_path_factory.mktemp("bench") / "deq-small.json"
     assert main(["bench", *TINY, "--stages", "2,1", "2,1,gated", "--out", str(out)]) == 0
     return json.loads(out.read_text()), out
 
@@ -141,7 +141,7 @@ def test_failing_and_slow_trials_are_reported_not_raised(monkeypatch):
 def test_default_checkpoint_and_card_resolve_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     subject = load_subject(None, None, None, 2, None)
-    assert subject.checkpoint == default_checkpoint() and subject.card["model"] == "deq-tiny"
+    assert subject.checkpoint == default_checkpoint() and subject.card["model"] == "deq-small"
     assert subject.images.shape == (2, 3, 32, 32)
 
 

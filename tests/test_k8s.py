@@ -321,7 +321,7 @@ def test_the_kserve_config_keeps_the_hardening():
     assert config["model_store"] == f"{KSERVE_ROOT}/model-store"
     assert config["metrics_config"] == f"{KSERVE_ROOT}/config/metrics.yaml"
     allowed = re.compile(config["allowed_urls"].replace("\\\\", "\\"))  # .properties unescaping
-    assert allowed.match(f"file://{KSERVE_ROOT}/model-store/deq-tiny.mar")
+    assert allowed.match(f"file://{KSERVE_ROOT}/model-store/deq-small.mar")
     for url in ("file:///etc/passwd", "https://example.com/x.mar", f"file://{KSERVE_ROOT}/model-store/a/b.mar"):
         assert not allowed.match(url), url
 
@@ -366,7 +366,7 @@ def test_the_layout_command_names_a_missing_archive(tmp_path, capsys):
     add_kserve_parser(parser.add_subparsers())
     args = parser.parse_args(["kserve-layout", "--out", str(tmp_path / "out"), "--store", str(tmp_path)])
     assert args.func(args) == 1
-    assert "deq-tiny.mar is not in" in capsys.readouterr().err
+    assert "deq-small.mar is not in" in capsys.readouterr().err
 
 
 # ---- the KServe config in a real TorchServe ------------------------------------------------------
@@ -430,18 +430,18 @@ def test_the_kserve_config_serves_in_torchserve(tmp_path):
         status, body = http_get(base + container["livenessProbe"]["httpGet"]["path"])  # no token: auth is off
         assert status == 200 and json.loads(body)["status"] == "Healthy"
         image = EXAMPLE.read_bytes()
-        status, answer = _post(f"{base}/predictions/deq-tiny", image, "image/png")
+        status, answer = _post(f"{base}/predictions/deq-small", image, "image/png")
         assert status == 200 and answer["label"] == "ship", answer
         encoded = json.dumps({"image": base64.b64encode(image).decode()}).encode()
-        status, v1 = _post(f"{base}/v1/models/deq-tiny:predict", encoded, "application/json")
+        status, v1 = _post(f"{base}/v1/models/deq-small:predict", encoded, "application/json")
         assert status == 200 and v1["label"] == answer["label"], v1
         # KServe v1's {"instances": [...]} reaches the handler unchanged, as one request with two inputs
         instances = json.dumps({"instances": [{"data": base64.b64encode(image).decode()}] * 2}).encode()
-        status, v1 = _post(f"{base}/v1/models/deq-tiny:predict", instances, "application/json")
+        status, v1 = _post(f"{base}/v1/models/deq-small:predict", instances, "application/json")
         assert status == 200 and [p["label"] for p in v1["predictions"]] == [answer["label"]] * 2, v1
         status, text = http_get(metrics + "/metrics")
         assert status == 200
-        assert re.search(r'robustdeq_requests_total\{ModelName="deq-tiny",Mode="off"', text.decode()), text[:500]
+        assert re.search(r'robustdeq_requests_total\{ModelName="deq-small",Mode="off"', text.decode()), text[:500]
         status, _ = _post(f"http://{LOOPBACK}:{ports.management}/models?url=x.mar", b"", "text/plain")
         assert status == 405, "the model registration API must be off"
         written = sorted(p.name for p in run.rglob("*.log"))

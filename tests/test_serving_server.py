@@ -185,6 +185,7 @@ def test_python_client_cli(server):
                          "--defense", "on", "--R", "3", *env_run)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("defense on (T_f=2, R=3)") == 2
+    # without --model: the first model this server loaded (deq-tiny), not the default one it lacks
     proc = robustdeq_cli("predict", "serving/examples/ship.png", "--R", "99", "--defense", "on", "--json", *env_run)
     assert proc.returncode == 1 and json.loads(proc.stdout)["reason"] == "option_out_of_bounds"
 

@@ -17,10 +17,11 @@ __all__ = ["Subject", "default_checkpoint", "load_subject", "cifar_test_images"]
 
 
 def default_checkpoint() -> Path:
-    """The shipped deq-tiny checkpoint (the one ``make serve`` serves), independent of the cwd."""
+    """The checkpoint of the default served model (the first one ``make serve`` serves), independent of the cwd."""
     from ..serving.archive import SHIPPED
+    from ..serving.server import DEFAULT_MODELS
 
-    return SHIPPED["deq-tiny"]
+    return SHIPPED[DEFAULT_MODELS[0]]
 
 
 @dataclass
@@ -66,7 +67,7 @@ def _load_card(checkpoint: Path, card: Optional[str]) -> Tuple[Optional[Dict[str
 def load_subject(
     checkpoint: Optional[str], model_name: Optional[str], card: Optional[str], n_images: int, data: Optional[str]
 ) -> Subject:
-    """A checkpoint (default: the shipped deq-tiny) or, with ``model_name``, a random-init model."""
+    """A checkpoint (default: the served default, deq-small) or, with ``model_name``, a random-init model."""
     images, data_note = cifar_test_images(n_images, data)
     if model_name is not None:
         from ..models import create_model

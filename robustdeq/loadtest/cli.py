@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..serving.server import DEFAULT_MODELS
 from .runner import SCENARIOS
 from .traffic import DEFAULT_DEFENDED_SETTINGS
 
@@ -27,7 +28,9 @@ def add_loadtest_parser(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--scenario", choices=SCENARIOS, default="full", help="what to run")
-    p.add_argument("--model", default="deq-tiny", help="the model's endpoint name: MODEL.mar and MODEL-defended.mar")
+    p.add_argument(
+        "--model", default=DEFAULT_MODELS[0], help="the model's endpoint name: MODEL.mar and MODEL-defended.mar"
+    )
     p.add_argument(
         "--checkpoint",
         default=None,

@@ -132,7 +132,11 @@ def add_serving_parsers(sub) -> None:
         "token come from the run folder (or ROBUSTDEQ_URL / ROBUSTDEQ_TOKEN).",
     )
     p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...; any size)")
-    p.add_argument("--model", default=DEFAULT_MODELS[0], help="model name (default: %(default)s)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"model name (default: the first model the server in --run-dir loaded, else {DEFAULT_MODELS[0]})",
+    )
     p.add_argument("--defense", choices=DEFENSE_MODES, default="off")
     p.add_argument("--T_f", type=int, default=None)
     p.add_argument("--R", type=int, default=None)
@@ -234,6 +238,16 @@ def _stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def _served_model(run_dir: Path) -> str:
+    """The first model (plain registration) of the server in ``run_dir``, else the default one."""
+    from .archive import DEFENDED_SUFFIX
+    from .runfolder import read_server_info
+
+    info = read_server_info(run_dir)
+    plain = [m for m in (info.models if info else []) if not m.endswith(DEFENDED_SUFFIX)]
+    return plain[0] if plain else DEFAULT_MODELS[0]
+
+
 def _predict(args: argparse.Namespace) -> int:
     from .client import Client, summarise
     from .runfolder import ServerError
@@ -245,12 +259,13 @@ def _predict(args: argparse.Namespace) -> int:
         return 1
     options = dict(defense=args.defense, T_f=args.T_f, R=args.R, beta=args.beta, eps=args.eps, state=args.state)
     options["top_k"] = args.top_k
+    model = args.model or _served_model(Path(args.run_dir))
     worst = 0
     for image in args.images:
         path = Path(image)
         if not path.is_file():
             raise FileNotFoundError(f"image {path} does not exist")
-        status, answer = client.predict_file(args.model, path, **options)
+        status, answer = client.predict_file(model, path, **options)
         worst = max(worst, 0 if status == 200 else 1)
         print(json.dumps(answer, indent=1) if args.json else summarise(str(path), status, answer))
     return worst

@@ -185,7 +185,7 @@ def _defense() -> List[Dict[str, Any]]:
               "percentunit", width=8, **share()),
         panel("Defended and gated-through requests", "Requests per second that Algorithm 1 ran on, by mode, "
               "and gated requests answered without it. A defended request costs many plain solves (cost_vs_plain "
-              "in the robustness card: 27x for deq-tiny with T_f = 2, R = 10).",
+              "in the robustness card with T_f = 2, R = 10: 19x for deq-small, 27x for deq-tiny).",
               [target(rate("robustdeq_defended_requests_total"), "{{ModelName}} {{Mode}} defended"),
                target(gated_through, "{{ModelName}} gated through")], "reqps", width=8, min=0),
         panel("Entropy reduction by the defense (mean)", "How much Algorithm 1 of paper 1 lowered the prediction "
@@ -217,7 +217,7 @@ def _entropy() -> List[Dict[str, Any]]:
         panel("High-entropy (likely perturbed) input rate", "Inputs per second whose plain entropy at the gate "
               "state exceeds the card's gate threshold, by mode: likely perturbed, on paper 1's premise that "
               "adversarial inputs give less certain predictions. How strong a signal this is depends on the "
-              "model: only 13% of PGD-10 inputs cross deq-tiny's threshold (docs/measured-here.md).",
+              "model: only 8% of PGD-10 inputs cross deq-small's threshold (docs/performance.md).",
               [target(high, "{{ModelName}} {{Mode}}")], "reqps", min=0),
         panel("High-entropy input share", "High-entropy inputs over answered requests. The threshold is the 95th "
               "percentile of clean validation entropy, so about 5% is the clean baseline; a sustained rise means "

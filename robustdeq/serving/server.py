@@ -37,7 +37,9 @@ from .runfolder import (
 
 DEFAULT_CONFIG = PROJECT_ROOT / "serving" / "config.properties"
 DEFAULT_METRICS = PROJECT_ROOT / "serving" / "metrics.yaml"
-DEFAULT_MODELS = ("deq-tiny", "lyadeq-tiny")
+#: what ``make serve`` loads: the long-trained default DEQ and the LyaDEQ of its size and recipe
+#: (archive.SHIPPED); the tiny archives stay in model_store/ as a fast lane (``--models deq-tiny``)
+DEFAULT_MODELS = ("deq-small", "lyadeq-small")
 LOOPBACK = "127.0.0.1"
 _SOCKET_PATH_LIMIT = 90  # AF_UNIX paths are limited to 108 bytes; TorchServe appends /.ts.sock.NNNN
 
