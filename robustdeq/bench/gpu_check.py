@@ -6,7 +6,7 @@ and to finish in well under 8 minutes there. Sections:
 1. ``parity64``: the solvers (fixed-point, Anderson, Broyden), the dynamics (states,
    residuals, entropies) and Algorithm 1 of paper 1 on the same inputs in float64, CUDA
    against CPU, within tolerance;
-2. ``served32``: the served answer in float32 (plain and defended), CUDA against CPU;
+2. ``served32``: the served default model's answer in float32 (plain and defended), CUDA against CPU;
 3. ``torchserve``: a real TorchServe with ``number_of_gpu`` set answers plain and defended
    requests (``timing_ms``, the engine's device) and exports the GPU series on ``/metrics``
    (TorchServe's system metrics need ``pynvml``);
@@ -34,7 +34,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from ..data import PROJECT_ROOT
+from ..serving.archive import SHIPPED as SHIPPED_CHECKPOINTS
+from ..serving.server import DEFAULT_MODELS
 
 __all__ = ["run_gpu_check", "SECTIONS", "PAPER_TABLE9", "PAPER_TABLE10"]
 
@@ -42,7 +43,9 @@ __all__ = ["run_gpu_check", "SECTIONS", "PAPER_TABLE9", "PAPER_TABLE10"]
 PAPER_TABLE9 = {"PGD-AT": 30.2, "PGD-AT + Sec. 3.3": 39.9}
 #: paper 1, Table 10: inference samples/s without and with the defense (T_f = 2, R = 10)
 PAPER_TABLE10 = {"plain": 94.9, "defended": 11.7, "slowdown": 8.1}
-SHIPPED = PROJECT_ROOT / "training" / "shipped" / "deq-tiny-trades-rs"
+#: the served default model (``make serve``'s first) and its shipped checkpoint folder
+SERVED = DEFAULT_MODELS[0]
+SHIPPED = SHIPPED_CHECKPOINTS[SERVED].parent
 TOL64 = 1e-7  # float64, CUDA vs CPU: relative to the tensor's scale
 TOL32_PROBS = 1e-3  # float32 served probabilities
 
@@ -196,7 +199,7 @@ def torchserve(quick: bool, workdir: Path) -> Dict[str, Any]:
     except ImportError:
         have_nvml = False
     started = time.perf_counter()
-    info = start_server(run_dir, models=["deq-tiny"], ports=Ports.free(), gpus=gpus, log=lambda *a: None)
+    info = start_server(run_dir, models=[SERVED], ports=Ports.free(), gpus=gpus, log=lambda *a: None)
     try:
         client = Client(info.inference_url, read_keys(run_dir)["inference"])
         from io import BytesIO
@@ -208,9 +211,9 @@ def torchserve(quick: bool, workdir: Path) -> Dict[str, Any]:
         Image.fromarray(image).save(buf, format="PNG")
         answers = {}
         for defense in ("off", "on"):
-            status, answer = client.predict("deq-tiny", buf.getvalue(), "image/png", defense=defense)
+            status, answer = client.predict(SERVED, buf.getvalue(), "image/png", defense=defense)
             answers[defense] = {"status": status, "timing_ms": answer.get("timing_ms"), "index": answer.get("index")}
-        _, described = client.describe("deq-tiny")
+        _, described = client.describe(SERVED)
         device = described.get("device")
         _, metrics = http_get(info.metrics_url + "/metrics")
         text = metrics.decode()
@@ -319,7 +322,7 @@ def onnx(quick: bool, workdir: Path) -> Dict[str, Any]:
     on_gpu = cuda is not None and "CUDAExecutionProvider" in providers
     device = str(cuda) if on_gpu else "cpu"
     model = load_checkpoint(SHIPPED / "model.pt").build_model(torch.device(device)).eval()
-    path = export_onnx(model.cpu(), workdir / "deq-tiny.onnx")
+    path = export_onnx(model.cpu(), workdir / f"{SERVED}.onnx")
     model = model.to(device)
     session = OnnxPlainSession(path, device=device)
     x = _test_images(64)
