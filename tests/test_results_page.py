@@ -74,6 +74,27 @@ def test_a_defense_evaluated_on_the_first_images_is_read_from_its_own_folder(tmp
     assert plain["link"].endswith(f"{recipe}/evaluation/results.json") and "1000 CIFAR-10" in plain["footnote"]
 
 
+def test_a_full_test_set_evaluation_is_the_exported_headline(tmp_path):
+    recipe = "deq-tiny-trades-rs"
+    src = PROJECT_ROOT / "training" / "shipped" / recipe / "evaluation" / "results.json"
+    results = json.loads(src.read_text())
+    worst = {**results["settings"][0]["worst_case"], "acc": 0.1234, "n": 10000}
+    full = {**results, "subset": {**results["subset"], "n": 10000},
+            "attacks": [a for a in results["attacks"] if a["name"] in ("pgd-ready", "apgd-t")],
+            "settings": [{**results["settings"][0], "worst_case": worst}], "cross_model": {}}  # fmt: skip
+    for folder, r in (("evaluation", results), ("evaluation-full", full)):
+        path = tmp_path / "training" / "shipped" / recipe / folder / "results.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(r))
+    (tmp_path / "docs").mkdir()
+    write_page(tmp_path)
+    assert "the same, full test set (sharded)" in (tmp_path / "docs" / "results.md").read_text()
+    plain = json.loads((tmp_path / "docs" / "robustbench" / f"{recipe}.json").read_text())
+    assert plain["link"].endswith(f"{recipe}/evaluation-full/results.json") and plain["autoattack_acc"] == "12.34"
+    assert plain["footnote"].startswith("Evaluated on the full CIFAR-10 test set (10000 images, sharded).")
+    assert "attacks here (PGD-10, APGD-T)," in plain["footnote"]
+
+
 def _plain_model(pgd2: float, pgd8: float, worst: float, attacks: dict, n: int = 100) -> dict:
     """A minimal evaluation of a plain-trained model: protocol-exact PGD at 2 and 8/255, per-sample results."""
     bits = lambda acc: "1" * round(acc * n) + "0" * (n - round(acc * n))  # noqa: E731

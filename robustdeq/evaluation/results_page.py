@@ -445,7 +445,8 @@ def _checks(L: List[str], results: Dict[str, Optional[dict]]) -> None:
 # ---- RobustBench export -------------------------------------------------------------------
 def robustbench_entries(root: Path = PROJECT_ROOT, evaluated: Optional[Dict[str, Evaluated]] = None) -> Dict[str, dict]:
     """name -> RobustBench ``model_info`` entry: ``<recipe>`` for each evaluated model without
-    its defense, and ``<recipe>-<setting>`` for a defense setting that was attacked adaptively."""
+    its defense (from the full test set where that was evaluated), and ``<recipe>-<setting>`` for
+    a defense setting that was attacked adaptively."""
     evaluated = read_evaluations(root) if evaluated is None else evaluated
     out = {}
     for m in MODELS:
@@ -453,12 +454,13 @@ def robustbench_entries(root: Path = PROJECT_ROOT, evaluated: Optional[Dict[str,
         r = e.main
         if r is None:
             continue
-        plain, rd, folder = r["settings"][0], e.defense, e.defense_folder
+        rd, folder = e.defense, e.defense_folder
         d = _defended(rd)
-        pgd = _acc(r, "attack/pgd-ready")
+        headline, headline_folder = (e.full, "evaluation-full") if e.full is not None else (r, "evaluation")
+        pgd = _acc(headline, "attack/pgd-ready")
         out[m.recipe] = _robustbench(
-            r, m, plain, passes=1, reported=None if pgd is None else pgd.value,
-            note="reported is PGD-10 with the ready-made gradient (paper 1's protocol).",
+            headline, m, headline["settings"][0], passes=1, reported=None if pgd is None else pgd.value,
+            note="reported is PGD-10 with the ready-made gradient (paper 1's protocol).", folder=headline_folder,
         )  # fmt: skip
         if d is not None:
             cost = d.get("cost_vs_plain") or 1.0
@@ -470,6 +472,31 @@ def robustbench_entries(root: Path = PROJECT_ROOT, evaluated: Optional[Dict[str,
                 f"number_forward_passes is its measured cost, {cost:.1f}x a plain prediction, rounded up.",
             )  # fmt: skip
     return out
+
+
+#: attack name prefix in results.json -> how the export names the family
+_FAMILIES = (
+    ("pgd-ready", "PGD-10"), ("ifgsm", "I-FGSM"), ("eq11-", "paper 1's intermediate-state attacks (Eq. 11)"),
+    ("apgd-ce", "APGD-CE"), ("apgd-t", "APGD-T"), ("square", "Square"),
+)  # fmt: skip
+
+
+def _attack_families(r: dict, setting: dict) -> List[str]:
+    """The attack families an evaluation ran, in the suite's order, plus the setting's adaptive chain."""
+    names = [a["name"] for a in r.get("attacks", [])]
+    found = [label for prefix, label in _FAMILIES if any(n.startswith(prefix) for n in names)]
+    if setting.get("chain"):
+        found.append("adaptive attacks through the defense")
+    if r.get("cross_model"):
+        found.append("transfers from other models")
+    return found
+
+
+def _evaluated_on(r: dict) -> str:
+    n = r["subset"]["n"]
+    if n >= 10000:
+        return f"Evaluated on the full CIFAR-10 test set ({n} images, sharded)."
+    return f"Evaluated on {n} CIFAR-10 test images (seeded subset {r['subset']['id']}), not the full test set."
 
 
 def _robustbench(
@@ -489,9 +516,8 @@ def _robustbench(
         "clean_acc": f"{100 * setting['clean']['acc']:.2f}",
         "reported": None if reported is None else f"{100 * reported:.2f}",
         "autoattack_acc": f"{100 * setting['worst_case']['acc']:.2f}",
-        "footnote": f"Evaluated on {r['subset']['n']} CIFAR-10 test images (seeded subset {r['subset']['id']}), "
-        "not the full test set. autoattack_acc is the per-sample worst case of robustdeq's suite (APGD-CE, APGD-T, "
-        "Square, PGD and paper 1's intermediate-state attacks), not AutoAttack standard (no FAB-T). " + note,
+        "footnote": f"{_evaluated_on(r)} autoattack_acc is the per-sample worst case of robustdeq's attacks here "
+        f"({', '.join(_attack_families(r, setting))}), not AutoAttack standard (no FAB-T). {note}",
         "unreliable": False,
     }
 
