@@ -56,17 +56,25 @@ def test_every_figure_comes_from_a_committed_result(tmp_path):
     assert plain["autoattack_acc"] == f"{worst:.2f}"
 
 
-def test_a_defense_evaluated_on_the_first_images_is_read_from_its_own_folder(tmp_path):
-    recipe = "deq-tiny-trades-rs"
-    src = PROJECT_ROOT / "training" / "shipped" / recipe / "evaluation" / "results.json"
-    results = json.loads(src.read_text())
-    defended = {**results, "subset": {**results["subset"], "n": 200}}  # what combine-cards pairs
-    for folder, r in (("evaluation", results), ("evaluation-defended", defended)):
-        path = tmp_path / "training" / "shipped" / recipe / folder / "results.json"
+def _shipped_results(recipe: str) -> dict:
+    return json.loads((PROJECT_ROOT / "training" / "shipped" / recipe / "evaluation" / "results.json").read_text())
+
+
+def _write_project(root, recipe: str, folders: dict) -> None:
+    """A project copy at ``root`` whose only model holds ``folder -> results`` evaluations; its page written."""
+    for folder, r in folders.items():
+        path = root / "training" / "shipped" / recipe / folder / "results.json"
         path.parent.mkdir(parents=True)
         path.write_text(json.dumps(r))
-    (tmp_path / "docs").mkdir()
-    write_page(tmp_path)
+    (root / "docs").mkdir()
+    write_page(root)
+
+
+def test_a_defense_evaluated_on_the_first_images_is_read_from_its_own_folder(tmp_path):
+    recipe = "deq-tiny-trades-rs"
+    results = _shipped_results(recipe)
+    defended = {**results, "subset": {**results["subset"], "n": 200}}  # what combine-cards pairs
+    _write_project(tmp_path, recipe, {"evaluation": results, "evaluation-defended": defended})
     assert "defense-T2-R10: " in render_page(tmp_path) and "(first 200)" in render_page(tmp_path)
     entry = json.loads((tmp_path / "docs" / "robustbench" / f"{recipe}-defense-T2-R10.json").read_text())
     assert entry["link"].endswith(f"{recipe}/evaluation-defended/results.json") and "200 CIFAR-10" in entry["footnote"]
@@ -76,18 +84,12 @@ def test_a_defense_evaluated_on_the_first_images_is_read_from_its_own_folder(tmp
 
 def test_a_full_test_set_evaluation_is_the_exported_headline(tmp_path):
     recipe = "deq-tiny-trades-rs"
-    src = PROJECT_ROOT / "training" / "shipped" / recipe / "evaluation" / "results.json"
-    results = json.loads(src.read_text())
+    results = _shipped_results(recipe)
     worst = {**results["settings"][0]["worst_case"], "acc": 0.1234, "n": 10000}
     full = {**results, "subset": {**results["subset"], "n": 10000},
             "attacks": [a for a in results["attacks"] if a["name"] in ("pgd-ready", "apgd-t")],
             "settings": [{**results["settings"][0], "worst_case": worst}], "cross_model": {}}  # fmt: skip
-    for folder, r in (("evaluation", results), ("evaluation-full", full)):
-        path = tmp_path / "training" / "shipped" / recipe / folder / "results.json"
-        path.parent.mkdir(parents=True)
-        path.write_text(json.dumps(r))
-    (tmp_path / "docs").mkdir()
-    write_page(tmp_path)
+    _write_project(tmp_path, recipe, {"evaluation": results, "evaluation-full": full})
     assert "the same, full test set (sharded)" in (tmp_path / "docs" / "results.md").read_text()
     plain = json.loads((tmp_path / "docs" / "robustbench" / f"{recipe}.json").read_text())
     assert plain["link"].endswith(f"{recipe}/evaluation-full/results.json") and plain["autoattack_acc"] == "12.34"
