@@ -67,7 +67,7 @@ def _load_card(checkpoint: Path, card: Optional[str]) -> Tuple[Optional[Dict[str
 def load_subject(
     checkpoint: Optional[str], model_name: Optional[str], card: Optional[str], n_images: int, data: Optional[str]
 ) -> Subject:
-    """A checkpoint (default: the served default, deq-small) or, with ``model_name``, a random-init model."""
+    """A checkpoint (default: :func:`default_checkpoint`) or, with ``model_name``, a random-init model."""
     images, data_note = cifar_test_images(n_images, data)
     if model_name is not None:
         from ..models import create_model
