@@ -245,6 +245,20 @@ def test_evaluation_resumes_and_refuses_other_settings(tiny_evaluation):
         Evaluator(str(SHIPPED), str(out), EvalConfig(**{**TINY, "steps": 3}), device="cpu", progress=False)
 
 
+def test_apgd_without_the_grid_still_attacks_through_the_validation_choice(tiny_evaluation, tmp_path):
+    """A run of APGD alone (as the full-test script runs it) chooses the Eq. 11 surrogate on the
+    validation split, the same choice as the full suite, instead of a fixed fallback."""
+    _, full, _ = tiny_evaluation
+    ev = Evaluator(str(SHIPPED), str(tmp_path), EvalConfig(**{**TINY, "families": ("apgd-ce",)}), device="cpu",
+                   progress=False)  # fmt: skip
+    results = ev.run()
+    jobs = list(ev.jobs)
+    assert jobs.index("surrogate") < jobs.index("apgd-ce")
+    assert results["strongest_intermediate"] == full["strongest_intermediate"] is not None
+    apgd = next(a for a in results["attacks"] if a["name"] == "apgd-ce")
+    assert apgd["acc"] == next(a for a in full["attacks"] if a["name"] == "apgd-ce")["acc"]
+
+
 def test_each_finished_job_logs_one_line(tiny_evaluation, tmp_path, capsys):
     out, results, _ = tiny_evaluation
     for f in ("state.json", "state.pt"):

@@ -60,12 +60,15 @@ FAMILIES = (
     "analyses",
     "checks",
 )
+#: the families that attack through the Eq. 11 surrogate chosen on validation (job ``surrogate``):
+#: each of them runs the choice, so that no selection of families falls back to a weaker gradient
+SURROGATE_FAMILIES = frozenset({"intermediate", "apgd-ce", "apgd-t", "adaptive", "analyses"})
 STATE_FORMAT = 2  # 2: surrogate chosen on validation, block-aligned batches, shards
 #: the families a shard may run: per-sample results that merge exactly (the analyses and the
 #: checks summarise the whole subset; run them in one process, e.g. on the merged folder)
 SHARDABLE_FAMILIES = tuple(f for f in FAMILIES if f not in ("analyses", "checks"))
 
-__all__ = ["EvalConfig", "Evaluator", "FAMILIES", "evaluation_subset", "UNROLL_BATCH"]
+__all__ = ["EvalConfig", "Evaluator", "FAMILIES", "SURROGATE_FAMILIES", "evaluation_subset", "UNROLL_BATCH"]
 
 
 @dataclass
@@ -347,8 +350,9 @@ class Evaluator(UndefendedAttacks, DefenseAttacks, CrossModelTransfer, PaperAnal
             self._job("pgd-ready", lambda: self._undefended_attack("pgd-ready", self._ready_made_adv))
         if "ifgsm" in fam:
             self._job("ifgsm", lambda: self._undefended_attack("ifgsm", self._ifgsm_adv))
-        if "intermediate" in fam:
+        if fam & SURROGATE_FAMILIES:
             self._job("surrogate", self._choose_surrogate)
+        if "intermediate" in fam:
             for a in self._grid():
                 self._job(a.name, lambda a=a: self._undefended_attack(a.name, self._intermediate_adv(a), attack=a))
         if "apgd-ce" in fam:

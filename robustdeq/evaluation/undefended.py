@@ -30,7 +30,8 @@ class UndefendedAttacks:
 
     def strongest_intermediate(self) -> IntermediateAttack:
         """The Eq. 11 surrogate of APGD and the adaptive attacks: the grid attack chosen on the
-        validation split (job ``surrogate``); without the grid, i = 3N/8, K_a = 5, lambda = 0.5."""
+        validation split (job ``surrogate``, which every family that uses it runs first). Only an
+        evaluation saved before that rule lacks the choice: i = 3N/8, K_a = 5, lambda = 0.5."""
         chosen = self.jobs.get("surrogate")
         if chosen:
             return IntermediateAttack(**chosen["surrogate"])
