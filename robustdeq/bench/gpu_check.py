@@ -34,8 +34,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from ..serving.archive import SHIPPED as SHIPPED_CHECKPOINTS
 from ..serving.server import DEFAULT_MODELS
+from .subject import default_checkpoint
 
 __all__ = ["run_gpu_check", "SECTIONS", "PAPER_TABLE9", "PAPER_TABLE10"]
 
@@ -45,7 +45,7 @@ PAPER_TABLE9 = {"PGD-AT": 30.2, "PGD-AT + Sec. 3.3": 39.9}
 PAPER_TABLE10 = {"plain": 94.9, "defended": 11.7, "slowdown": 8.1}
 #: the served default model (``make serve``'s first) and its shipped checkpoint folder
 SERVED = DEFAULT_MODELS[0]
-SHIPPED = SHIPPED_CHECKPOINTS[SERVED].parent
+SHIPPED = default_checkpoint().parent
 TOL64 = 1e-7  # float64, CUDA vs CPU: relative to the tensor's scale
 TOL32_PROBS = 1e-3  # float32 served probabilities
 
