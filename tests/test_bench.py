@@ -118,6 +118,19 @@ def test_markdown_and_plots_are_written(shipped_run):
         assert f"]({name})" in md
 
 
+def test_labels_of_settings_at_nearly_equal_cost_do_not_overlap():
+    """T2-R5 and T1-R5 of deq-small sit at ~20.4x and ~20.6x with equal accuracy: their labels stack."""
+    from robustdeq.bench.plots import _free_label_offset
+
+    placed: list = []
+    first = _free_label_offset(placed, 1.310, 33.0)
+    second = _free_label_offset(placed, 1.314, 33.0)
+    third = _free_label_offset(placed, 1.312, 33.0)
+    assert len({first, second, third}) == 3
+    assert _free_label_offset(placed, 1.7, 33.0) == first  # far enough away: the usual place
+    assert _free_label_offset(placed, 1.312, 30.0) == first  # same cost, another accuracy
+
+
 def test_failing_and_slow_trials_are_reported_not_raised(monkeypatch):
     from robustdeq.bench import trials
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -51,6 +52,7 @@ def robustness_cost_plot(settings: List[Dict[str, Any]], model: str, path: Path)
         True: dict(fmt="s", mfc="none", color="tab:gray", label="non-adaptive, transferred (card)"),
     }
     labelled = set()
+    placed: List[tuple] = []  # (log10 cost, accuracy, vertical offset) of the labels so far
     for s in settings:
         robust, cost = s.get("robust"), s.get("cost_vs_plain")
         if not robust or cost is None:
@@ -63,7 +65,9 @@ def robustness_cost_plot(settings: List[Dict[str, Any]], model: str, path: Path)
         labelled.add(transferred)
         ax.errorbar(cost, acc, yerr=[[acc - lo], [hi - acc]], capsize=3, **style)
         name = s["name"].replace("defense-", "") if transferred else s["name"]
-        ax.annotate(name, (cost, acc), fontsize=7, xytext=(4, 3), textcoords="offset points", color=style["color"])
+        dy = _free_label_offset(placed, math.log10(cost), acc)
+        ax.annotate(name, (cost, acc), fontsize=7, xytext=(4, dy), textcoords="offset points", color=style["color"],
+                    bbox=dict(boxstyle="square,pad=0.05", fc="white", ec="none", alpha=0.8), zorder=5)  # fmt: skip
     ax.legend(fontsize=8, loc="lower right")
     ax.set(xscale="log", xlabel="cost vs plain inference (card)", ylabel="robust accuracy (%)",
            title=f"{model}: robust accuracy vs cost (robustness card)")  # fmt: skip
@@ -72,6 +76,17 @@ def robustness_cost_plot(settings: List[Dict[str, Any]], model: str, path: Path)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _free_label_offset(placed: List[tuple], x: float, y: float, dx: float = 0.08, dy: float = 1.0) -> float:
+    """A vertical text offset (points) for a label at (log10 cost ``x``, accuracy ``y``) that
+    does not sit on a label already placed within ``dx`` decades and ``dy`` points: settings of
+    nearly equal cost and accuracy (T2-R5 and T1-R5 at ~20x) stack their labels downwards."""
+    offset = 3.0
+    while any(abs(x - px) < dx and abs(y - py) < dy and abs(offset - po) < 8 for px, py, po in placed):
+        offset -= 9.0
+    placed.append((x, y, offset))
+    return offset
 
 
 def write_plots(r: Dict[str, Any], card: Optional[Dict[str, Any]], out: Path) -> Dict[str, str]:
