@@ -259,6 +259,18 @@ def test_apgd_without_the_grid_still_attacks_through_the_validation_choice(tiny_
     assert apgd["acc"] == next(a for a in full["attacks"] if a["name"] == "apgd-ce")["acc"]
 
 
+def test_the_surrogate_is_chosen_on_first_use_by_any_caller(tiny_evaluation, tmp_path):
+    """A family outside SURROGATE_FAMILIES that asks for the surrogate gets the validation choice
+    (the job runs then and is saved), not a fixed fallback."""
+    _, full, _ = tiny_evaluation
+    ev = Evaluator(str(SHIPPED), str(tmp_path), EvalConfig(**{**TINY, "families": ("pgd",)}), device="cpu",
+                   progress=False)  # fmt: skip
+    ev.run()
+    assert "surrogate" not in ev.jobs  # PGD alone does not need it
+    assert ev.strongest_intermediate().name == full["strongest_intermediate"]
+    assert "surrogate" in json.loads((tmp_path / "state.json").read_text())["jobs"]
+
+
 def test_each_finished_job_logs_one_line(tiny_evaluation, tmp_path, capsys):
     out, results, _ = tiny_evaluation
     for f in ("state.json", "state.pt"):

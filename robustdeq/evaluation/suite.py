@@ -61,7 +61,8 @@ FAMILIES = (
     "checks",
 )
 #: the families that attack through the Eq. 11 surrogate chosen on validation (job ``surrogate``):
-#: each of them runs the choice, so that no selection of families falls back to a weaker gradient
+#: ``run`` makes the choice before them, as its own logged and saved step; any other caller of
+#: ``strongest_intermediate`` makes it on first use, so no selection of families gets a weaker gradient
 SURROGATE_FAMILIES = frozenset({"intermediate", "apgd-ce", "apgd-t", "adaptive", "analyses"})
 STATE_FORMAT = 2  # 2: surrogate chosen on validation, block-aligned batches, shards
 #: the families a shard may run: per-sample results that merge exactly (the analyses and the
