@@ -90,7 +90,7 @@ def test_a_full_test_set_evaluation_is_the_exported_headline(tmp_path):
             "attacks": [a for a in results["attacks"] if a["name"] in ("pgd-ready", "apgd-t")],
             "settings": [{**results["settings"][0], "worst_case": worst}], "cross_model": {}}  # fmt: skip
     _write_project(tmp_path, recipe, {"evaluation": results, "evaluation-full": full})
-    assert "the same, full test set (sharded)" in (tmp_path / "docs" / "results.md").read_text()
+    assert "the same, full test set (sharded; PGD-10, APGD-T)" in (tmp_path / "docs" / "results.md").read_text()
     plain = json.loads((tmp_path / "docs" / "robustbench" / f"{recipe}.json").read_text())
     assert plain["link"].endswith(f"{recipe}/evaluation-full/results.json") and plain["autoattack_acc"] == "12.34"
     assert plain["footnote"].startswith("Evaluated on the full CIFAR-10 test set (10000 images, sharded).")

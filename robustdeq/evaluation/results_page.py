@@ -213,7 +213,8 @@ def _headline(L: List[str], evaluated: Dict[str, Evaluated]) -> None:
             defended += f" (first {rd['subset']['n']})"
         add(_model_row(m.recipe, m.role, cpu_h, r, defended, "evaluation"))
         if e.full is not None:  # the full test set, sharded (training/evaluate_full_test.sh)
-            add(_model_row(m.recipe, "the same, full test set (sharded)", cpu_h, e.full, "–", "evaluation-full"))
+            role = f"the same, full test set (sharded; {', '.join(_attack_families(e.full, {}))})"
+            add(_model_row(m.recipe, role, cpu_h, e.full, "–", "evaluation-full"))
 
 
 def _model_row(recipe: str, role: str, cpu_h: str, r: dict, defended: str, folder: str) -> str:
