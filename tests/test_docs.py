@@ -274,7 +274,9 @@ def test_shipped_scripts_call_real_recipes(tmp_path):
     calls = (tmp_path / "log").read_text().splitlines()
     shard_calls = [c for c in calls if "--n 10000" in c and "--shard" in c]
     assert len(shard_calls) == 2 and calls[-1].startswith(f"merge-shards --out runs/eval-full/{trained[0]}/merged")
-    assert (root / "training" / "shipped" / trained[0] / "evaluation-full" / "robustness_card.json").is_file()
+    full = root / "training" / "shipped" / trained[0] / "evaluation-full"
+    assert (full / "robustness_card.json").is_file() and (full / "plot.png").is_file()
+    assert sorted(p.name for p in (full / "logs").iterdir()) == ["shard-0.log", "shard-1.log"]
     # a failed shard stops the script before the merge and names its log
     (tmp_path / "log").write_text("")
     proc = subprocess.run(["bash", str(root / "training" / "evaluate_full_test.sh")], env={**env, "STUB_FAIL": "1/2"},

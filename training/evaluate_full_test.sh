@@ -9,7 +9,8 @@
 # The shards can also run on other machines: copy runs/eval-full/<recipe>/shard-<i>/ back and rerun.
 #   BASE=training/shipped/<recipe>/evaluation-full/shards bash training/evaluate_full_test.sh
 #     keeps the shards beside the result, so that finished shards can be committed and a later checkout resumes
-# Result: training/shipped/<recipe>/evaluation-full/ (results.json, report.md, robustness_card.json).
+# Result: training/shipped/<recipe>/evaluation-full/ (results.json, report.md, robustness_card.json, the
+# coverage plot and logs/ of every shard).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RD=${RD:-.venv/bin/robustdeq}
@@ -31,6 +32,8 @@ base=${BASE:-runs/eval-full/$RECIPE}
 mkdir -p "$base"
 # shellcheck disable=SC2086
 run_shards "$base/merged" "$base/shard" "$SHARDS" "$JOBS" --checkpoint "$ckpt" --n "$N" --defense none --attacks $ATTACKS
-mkdir -p "training/shipped/$RECIPE/evaluation-full"
-cp "$base"/merged/{results.json,report.md,robustness_card.json} "training/shipped/$RECIPE/evaluation-full/"
-echo "wrote training/shipped/$RECIPE/evaluation-full/"
+dest="training/shipped/$RECIPE/evaluation-full"
+mkdir -p "$dest/logs"
+cp "$base"/merged/{results.json,report.md,robustness_card.json} "$base"/merged/*.png "$dest/"
+cp "$base"/shard-*.log "$dest/logs/"  # each shard's job lines and times; the merged result needs no shard folder
+echo "wrote $dest/"
