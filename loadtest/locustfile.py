@@ -41,7 +41,7 @@ from robustdeq.loadtest.traffic import (
     build_payloads,
     check_answer,
 )
-from robustdeq.serving.server import DEFAULT_MODELS
+from robustdeq.serving.runfolder import DEFAULT_MODELS
 
 MODEL = os.environ.get(ENV["model"], DEFAULT_MODELS[0])
 DEFAULT_STAGES = [Stage(20, users, "PlainUser") for users in (1, 2, 4, 8)]

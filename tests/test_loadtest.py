@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 
 from robustdeq.data import PROJECT_ROOT
 from robustdeq.loadtest.samples import SampleRecorder, Samples, nearest_rank
-from robustdeq.loadtest.traffic import PLAIN, DefendedSetting, PayloadSet, Stage, build_payloads, check_answer
+from robustdeq.loadtest.traffic import ENV, PLAIN, DefendedSetting, PayloadSet, Stage, build_payloads, check_answer
 from robustdeq.serving.archive import SHIPPED
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java 17")
@@ -196,3 +197,16 @@ def test_a_wrong_label_counts_as_a_failed_request(tmp_path, payloads):
     stats = samples.stats(PLAIN)
     assert stats.requests > 0 and stats.failures == stats.requests
     assert all("where the library says" in why for why in samples.failure_reasons())
+
+
+def test_the_locustfile_does_not_load_torch():
+    """Locust runs beside the server on the same cores: its processes import the light modules
+    only (with torch, 0.5 GB and 2 s of start-up each), yet still name the served default model."""
+    from robustdeq.serving.server import DEFAULT_MODELS
+
+    code = "import sys; sys.path.insert(0, 'loadtest'); import locustfile; "
+    code += "print('torch' in sys.modules, locustfile.MODEL)"
+    env = {k: v for k, v in os.environ.items() if k != ENV["model"]}
+    out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
+                         check=True)  # fmt: skip
+    assert out.stdout.split() == ["False", DEFAULT_MODELS[0]]

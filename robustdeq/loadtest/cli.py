@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..serving.server import DEFAULT_MODELS
+from ..serving.runfolder import DEFAULT_MODELS
 from .runner import SCENARIOS
 from .traffic import DEFAULT_DEFENDED_SETTINGS
 

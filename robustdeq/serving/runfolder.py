@@ -18,8 +18,13 @@ from typing import Dict, List, Optional
 
 # ``.serve`` in the current directory, or $ROBUSTDEQ_RUN_DIR (set in the Docker image).
 DEFAULT_RUN_DIR = Path(os.environ.get("ROBUSTDEQ_RUN_DIR") or ".serve")
+#: what ``make serve`` loads: the long-trained default DEQ and the LyaDEQ of its size and recipe
+#: (archive.SHIPPED); the tiny archives stay in model_store/ as a fast lane (``--models deq-tiny``).
+#: Kept here, free of torch, so that the Locust processes can name the default without importing it.
+DEFAULT_MODELS = ("deq-small", "lyadeq-small")
 
 __all__ = [
+    "DEFAULT_MODELS",
     "DEFAULT_RUN_DIR",
     "ServerError",
     "ServerInfo",

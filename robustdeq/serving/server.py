@@ -25,6 +25,7 @@ from ..data import PROJECT_ROOT
 from ..runtime import find_executable
 from .archive import DEFAULT_STORE, archive_name
 from .runfolder import (
+    DEFAULT_MODELS,
     DEFAULT_RUN_DIR,
     ServerError,
     ServerInfo,
@@ -37,9 +38,6 @@ from .runfolder import (
 
 DEFAULT_CONFIG = PROJECT_ROOT / "serving" / "config.properties"
 DEFAULT_METRICS = PROJECT_ROOT / "serving" / "metrics.yaml"
-#: what ``make serve`` loads: the long-trained default DEQ and the LyaDEQ of its size and recipe
-#: (archive.SHIPPED); the tiny archives stay in model_store/ as a fast lane (``--models deq-tiny``)
-DEFAULT_MODELS = ("deq-small", "lyadeq-small")
 LOOPBACK = "127.0.0.1"
 _SOCKET_PATH_LIMIT = 90  # AF_UNIX paths are limited to 108 bytes; TorchServe appends /.ts.sock.NNNN
 
