@@ -27,6 +27,12 @@ declare -A PILOTS=(
   [p3b-tiny-pgdat-rs-nfgsm-24ep]="$C/deq-tiny-pgd-rs.yaml --set optim.epochs=24 --set attack.kind=nfgsm --set attack.step_size=8/255 --set attack.noise=2"
   # the larger preset (0.23M parameters) with P3b's recipe at about P3b's CPU time (it trains ~1.9x slower)
   [p6-small-pgdat-rs-nfgsm]="$C/deq-tiny-pgd-rs.yaml --set model.name=deq-small --set optim.epochs=13 --set attack.kind=nfgsm --set attack.step_size=8/255 --set attack.noise=2"
+  # issue 30, a faster trainer at equal epochs: P6 with the two levers that python -m robustdeq.training.speed
+  # measured fastest: the training attack differentiates f(z[n]) alone (phantom unroll K = 0 inside the attack;
+  # the loss keeps K = 5) and the Jacobian term probes a random quarter of the batch
+  [p7-small-fast-unroll0-jacq]="$C/deq-tiny-pgd-rs.yaml --set model.name=deq-small --set optim.epochs=13 --set attack.kind=nfgsm --set attack.step_size=8/255 --set attack.noise=2 --set objective.attack_unroll=0 --set objective.jacobian_fraction=0.25"
+  # the milder variant: attack unroll K = 2
+  [p8-small-fast-unroll2-jacq]="$C/deq-tiny-pgd-rs.yaml --set model.name=deq-small --set optim.epochs=13 --set attack.kind=nfgsm --set attack.step_size=8/255 --set attack.noise=2 --set objective.attack_unroll=2 --set objective.jacobian_fraction=0.25"
 )
 if [ $# -eq 0 ]; then
   for p in "${!PILOTS[@]}"; do echo "$p: ${PILOTS[$p]}"; done | sort

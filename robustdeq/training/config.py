@@ -90,6 +90,8 @@ class ObjectiveSection:
     tau: float = 0.5  # phantom gradient damping
     jacobian_weight: float = 0.0  # Hutchinson ||J_f||_F^2 regulariser
     jacobian_every: int = 1  # apply the regulariser every k steps (MDEQ uses a frequency too)
+    jacobian_fraction: float = 1.0  # probe this fraction of the batch's samples (an unbiased estimate of the mean)
+    attack_unroll: Optional[int] = None  # phantom unroll K inside the training attack (None = objective.unroll)
 
 
 @dataclass
@@ -212,6 +214,10 @@ class TrainConfig:
             "optim.warmup_steps": self.optim.warmup_steps,
         }
         problems += [f"{k} must be >= 0, got {v}" for k, v in non_negative.items() if v < 0]
+        if not 0 < self.objective.jacobian_fraction <= 1:
+            problems.append(f"objective.jacobian_fraction must be in (0, 1], got {self.objective.jacobian_fraction}")
+        if self.objective.attack_unroll is not None and self.objective.attack_unroll < 0:
+            problems.append(f"objective.attack_unroll must be >= 0, got {self.objective.attack_unroll}")
         if not 0 < self.objective.tau <= 1:
             problems.append(f"objective.tau must be in (0, 1], got {self.objective.tau}")
         if self.attack.eps > 1 or self.validation.eps > 1:

@@ -110,10 +110,11 @@ class Objective:
         was_training = model.training
         model.eval()
         try:
+            attack_unroll = cfg.unroll if cfg.attack_unroll is None else cfg.attack_unroll
             if cfg.kind == "pgd_at":
 
                 def loss_fn(xa: Tensor) -> Tensor:
-                    out = phantom_forward(model, xa, attack_depth(), cfg.unroll, cfg.tau)
+                    out = phantom_forward(model, xa, attack_depth(), attack_unroll, cfg.tau)
                     return F.cross_entropy(out.logits, y, reduction="none")
 
                 inputs.x_adv = inner_maximisation(loss_fn, x, atk, generator)
@@ -122,7 +123,7 @@ class Objective:
                     clean_logits = phantom_forward(model, x, depth, cfg.unroll, cfg.tau).logits
 
                 def loss_fn(xa: Tensor) -> Tensor:
-                    out = phantom_forward(model, xa, attack_depth(), cfg.unroll, cfg.tau)
+                    out = phantom_forward(model, xa, attack_depth(), attack_unroll, cfg.tau)
                     return trades_kl(out.logits, clean_logits)
 
                 start = x + 0.001 * random_like(x, generator, "normal") if atk.random_start else x
@@ -174,7 +175,9 @@ class ObjectiveModule(nn.Module):
             stats["train_acc"] = float((clean.logits.argmax(1) == y).float().mean())
             stats["train_adv_acc"] = float((out.logits.argmax(1) == y).float().mean())
         if inputs.use_jacobian and cfg.jacobian_weight > 0:
-            jac = jacobian_regularizer(model, out.state, out.injection, generator=inputs.generator)
+            jac = jacobian_regularizer(
+                model, out.state, out.injection, generator=inputs.generator, fraction=cfg.jacobian_fraction
+            )
             loss = loss + cfg.jacobian_weight * jac
             stats["jacobian"] = float(jac.detach())
         return loss, stats
