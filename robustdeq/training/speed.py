@@ -47,7 +47,9 @@ LEVERS: Dict[str, Lever] = {
     "jacobian-every-2": Lever("Jacobian term every 2nd step", ("objective.jacobian_every=2",)),
     "jacobian-every-4": Lever("Jacobian term every 4th step", ("objective.jacobian_every=4",)),
     "jacobian-quarter": Lever("Jacobian term on a random quarter of the batch", ("objective.jacobian_fraction=0.25",)),
-    "attack-unroll-2": Lever("phantom unroll K = 2 inside the attack (loss keeps K = 5)", ("objective.attack_unroll=2",)),
+    "attack-unroll-2": Lever(
+        "phantom unroll K = 2 inside the attack (loss keeps K = 5)", ("objective.attack_unroll=2",)
+    ),
     "attack-unroll-0": Lever("attack through f(z[n]) alone (K = 0; loss keeps K = 5)", ("objective.attack_unroll=0",)),
     "channels-last": Lever("channels_last memory format for the model", channels_last=True),
     "compile": Lever("torch.compile (Inductor) of the cell", compile=True),
@@ -151,7 +153,10 @@ def time_levers(
 
 
 def format_levers(result: Dict[str, Dict[str, float]]) -> str:
-    lines = ["| lever | what it changes | ms / step | samples/s | vs recipe | first round, s |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| lever | what it changes | ms / step | samples/s | vs recipe | first round, s |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, rec in result.items():
         desc = LEVERS[name].description if name in LEVERS else ""
         if "error" in rec:
