@@ -29,7 +29,7 @@ CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 ARCHIVE_NAME = "cifar10-jpeg.tar.gz"
 # The checkout (serving/, handlers/, model_store/ ...), or $ROBUSTDEQ_HOME when the library is
 # installed as a wheel (the Docker image puts those folders in /opt/robustdeq).
-PROJECT_ROOT = Path(os.environ.get("ROBUSTDEQ_HOME") or Path(__file__).resolve().parent.parent)
+PROJECT_ROOT = Path(os.environ.get("ROBUSTDEQ_HOME") or Path(__file__).resolve().parent.parent.parent)
 
 __all__ = [
     "CLASSES",

@@ -1,0 +1,140 @@
+"""Your own images (issue 32): the ImageFolder index, its bad-data answers, the input-size
+policy, and in-memory and streaming splits that agree."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from robustdeq.data import CLASSES
+from robustdeq.data import image_folder as imf
+from robustdeq.data.image_folder import DatasetError, fit_image, index_folder, load_image_folder
+
+KEEP = ("cat", "dog", "ship")
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def build_folder(root: Path, cifar, per_class: int = 12, size: int = 64, layout: str = "splits") -> Path:
+    """3 CIFAR-10 classes upscaled to ``size``, plus a truncated PNG, random bytes named .jpg
+    and a README that is not an image."""
+    for name in KEEP:
+        label = CLASSES.index(name)
+        idx = (cifar.labels == label).nonzero().squeeze(1)[:per_class]
+        for j, i in enumerate(idx.tolist()):
+            img = Image.fromarray(cifar.images[i].permute(1, 2, 0).numpy()).resize((size, size), Image.BILINEAR)
+            split = "test" if layout == "splits" and j >= per_class - 3 else "train"
+            folder = root / split / name if layout == "splits" else root / name
+            folder.mkdir(parents=True, exist_ok=True)
+            img.save(folder / f"{j:03d}.png")
+    first = root / "train" / "cat" if layout == "splits" else root / "cat"
+    good = (first / "000.png").read_bytes()
+    (first / "truncated.png").write_bytes(good[: len(good) // 2])
+    (first / "noise.jpg").write_bytes(np.random.default_rng(0).bytes(500))
+    (first / "README.txt").write_text("not an image")
+    return root
+
+
+@pytest.fixture
+def folder(tmp_path, cifar_train, monkeypatch):
+    monkeypatch.setenv("ROBUSTDEQ_CACHE", str(tmp_path / "cache"))
+    return build_folder(tmp_path / "data", cifar_train)
+
+
+def test_the_index_names_classes_lists_bad_files_and_ignores_other_files(folder):
+    index = index_folder(folder, 64, progress=False)
+    assert index.layout == "splits" and index.classes == sorted(KEEP)
+    assert sorted(b["path"] for b in index.bad_files) == ["train/cat/noise.jpg", "train/cat/truncated.png"]
+    assert index.ignored_files == 1
+    assert len(index.files["train"]) == 3 * 9 and len(index.files["test"]) == 3 * 3
+    assert set(index.labels["test"]) == {0, 1, 2}
+    assert all(0.1 < m < 0.9 for m in index.mean) and all(0.05 < s < 0.5 for s in index.std)
+
+
+def test_bad_files_are_skipped_with_their_paths_or_fail_the_run(folder, capsys):
+    data = load_image_folder(folder, 64, progress=False)
+    out = capsys.readouterr().out
+    assert "skipping 2 unreadable image file(s)" in out and "train/cat/truncated.png" in out
+    assert data.record()["bad_files"] == 2 and data.record()["classes"] == sorted(KEEP)
+    with pytest.raises(DatasetError, match="noise.jpg"):
+        load_image_folder(folder, 64, on_bad_file="fail", progress=False)
+
+
+def test_broken_layouts_get_clear_errors_before_training(tmp_path, cifar_train, monkeypatch):
+    monkeypatch.setenv("ROBUSTDEQ_CACHE", str(tmp_path / "cache"))
+    root = build_folder(tmp_path / "a", cifar_train)
+    (root / "train" / "empty").mkdir()
+    with pytest.raises(DatasetError, match="empty holds no image files"):
+        index_folder(root, 64, progress=False)
+    root = build_folder(tmp_path / "b", cifar_train)
+    (root / "test" / "horse").mkdir()
+    (root / "test" / "horse" / "x.png").write_bytes((root / "train" / "dog" / "000.png").read_bytes())
+    with pytest.raises(DatasetError, match="train/ does not: horse"):
+        index_folder(root, 64, progress=False)
+    single = tmp_path / "c" / "train" / "only"
+    single.mkdir(parents=True)
+    (single / "x.png").write_bytes((root / "train" / "dog" / "000.png").read_bytes())
+    with pytest.raises(DatasetError, match="at least 2"):
+        index_folder(tmp_path / "c", 64, progress=False)
+    with pytest.raises(DatasetError, match="does not exist"):
+        index_folder(tmp_path / "nowhere", 64, progress=False)
+
+
+def test_one_pool_is_split_by_seed_stratified_and_reproducibly(tmp_path, cifar_train, monkeypatch):
+    monkeypatch.setenv("ROBUSTDEQ_CACHE", str(tmp_path / "cache"))
+    root = build_folder(tmp_path / "pool", cifar_train, per_class=20, layout="pool")
+    a = index_folder(root, 32, val_fraction=0.1, test_fraction=0.2, seed=3, progress=False, use_cache=False)
+    b = index_folder(root, 32, val_fraction=0.1, test_fraction=0.2, seed=3, progress=False, use_cache=False)
+    c = index_folder(root, 32, val_fraction=0.1, test_fraction=0.2, seed=4, progress=False, use_cache=False)
+    assert a.layout == "pool" and a.files == b.files and a.files["test"] != c.files["test"]
+    for split, per in (("test", 4), ("val", 2)):
+        assert sorted(a.labels[split]) == sorted([0, 1, 2] * per)  # every class, in proportion
+    all_files = a.files["train"] + a.files["val"] + a.files["test"]
+    assert len(all_files) == len(set(all_files)) == 3 * 20  # disjoint, and the 2 bad cat files left out
+
+
+def test_the_size_policy_keeps_the_aspect_and_crops_the_centre():
+    wide = np.zeros((50, 150, 3), np.uint8)
+    wide[:, :50] = (255, 0, 0)  # red left third
+    wide[:, 50:100] = (0, 255, 0)  # green centre
+    wide[:, 100:] = (0, 0, 255)
+    out = np.asarray(fit_image(Image.fromarray(wide), 32))
+    assert out.shape == (32, 32, 3)
+    assert (out[:, 4:28, 1] > 200).all() and (out[:, 4:28, 0] < 50).all()  # only the green centre survives
+    grey = Image.fromarray(np.full((10, 20), 128, np.uint8), "L")
+    assert np.asarray(fit_image(grey, 16)).shape == (16, 16, 3)
+
+
+def test_streaming_and_in_memory_splits_hold_the_same_pixels(folder):
+    memory = load_image_folder(folder, 64, progress=False)
+    stream = load_image_folder(folder, 64, in_memory_mb=0, progress=False)
+    assert isinstance(stream.splits["train"], imf.StreamingSplit)
+    assert not isinstance(memory.splits["train"], imf.StreamingSplit)
+    idx = torch.tensor([0, 5, 26])
+    assert torch.equal(stream.splits["train"].load(idx), memory.splits["train"].images[idx])
+    assert torch.equal(stream.splits["train"].labels, memory.splits["train"].labels)
+    batches = [torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5])]
+    serial = list(stream.splits["train"].batches(batches))
+    parallel = list(stream.splits["train"].batches(batches, workers=2))
+    for (xa, ya), (xb, yb) in zip(serial, parallel):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb) and xa.dtype == torch.uint8 and xa.shape[1:] == (3, 64, 64)
+
+
+def test_the_index_is_cached_until_the_folder_changes(folder, monkeypatch):
+    first = index_folder(folder, 64, progress=False)
+    calls = []
+    real = imf._check_file
+    monkeypatch.setattr(imf, "_check_file", lambda job: calls.append(job) or real(job))
+    assert index_folder(folder, 64, progress=False) == first and not calls  # cached: nothing decoded
+    (folder / "train" / "dog" / "extra.png").write_bytes((folder / "train" / "dog" / "000.png").read_bytes())
+    again = index_folder(folder, 64, progress=False)
+    assert calls and len(again.files["train"]) == len(first.files["train"]) + 1
