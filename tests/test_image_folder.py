@@ -138,3 +138,43 @@ def test_the_index_is_cached_until_the_folder_changes(folder, monkeypatch):
     (folder / "train" / "dog" / "extra.png").write_bytes((folder / "train" / "dog" / "000.png").read_bytes())
     again = index_folder(folder, 64, progress=False)
     assert calls and len(again.files["train"]) == len(first.files["train"]) + 1
+
+
+@pytest.mark.parametrize("name", ["deq-tiny", "deq-small", "lyadeq-tiny", "lyadeq-small", "resnet-peer", "mdeq-small"])
+def test_every_preset_takes_its_classes_and_input_size_and_a_checkpoint_restores_them(name, tmp_path):
+    from robustdeq import create_model
+    from robustdeq.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    kwargs = dict(num_classes=3, input_size=64, class_names=list(KEEP), mean=[0.5, 0.4, 0.3], std=[0.2, 0.2, 0.2])
+    model = create_model(name, **kwargs).eval()
+    small = create_model(name, num_classes=3).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert model(x).shape == (2, 3)
+        traj = model.trajectory(x)
+    # the stem adapts: a 64-pixel input keeps the DEQ state of the 32-pixel design
+    assert traj.state(-1).shape[1] == small.trajectory(torch.rand(2, 3, 32, 32)).state(-1).shape[1]
+    assert model.class_names == list(KEEP) and model.input_shape == (3, 64, 64)
+    path = tmp_path / "m.pt"
+    save_checkpoint(Checkpoint(model_name=name, model_config=model.config(), state_dict=model.state_dict()), path)
+    again = load_checkpoint(path).build_model()
+    assert again.class_names == list(KEEP) and again.input_size == 64
+    assert torch.allclose(_normalize(again).mean, torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1))
+    with torch.no_grad():
+        assert torch.allclose(again(x), model(x), atol=1e-5)
+
+
+def _normalize(model):
+    from robustdeq.models.blocks import Normalize
+
+    return next(m for m in model.modules() if isinstance(m, Normalize))
+
+
+def test_cifar_presets_keep_their_names_size_and_weights():
+    from robustdeq import create_model
+
+    model = create_model("deq-small")
+    assert model.class_names == list(CLASSES) and model.input_size == 32 and "input_size" not in model.config()
+    with pytest.raises(ValueError, match="class names"):
+        create_model("deq-tiny", num_classes=3, class_names=["a", "b"])

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+import math
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .. import solvers as _solvers
+from ..data import CLASSES as CIFAR10_CLASSES  # the names of a 10-class model that was given none
 from ..dynamics import DEFAULT_READOUT, Trajectory, run_dynamics
+from .blocks import CIFAR10_MEAN, CIFAR10_STD, Normalize
 
 
 class DEQModel(nn.Module):
@@ -32,6 +35,47 @@ class DEQModel(nn.Module):
     input_shape = (3, 32, 32)
     #: True for an explicit network wrapped in this interface (f ignores z; see models/explicit.py)
     explicit: bool = False
+
+    #: the classes' names, in label order (set by :meth:`_configure_input`)
+    class_names: List[str] = list(CIFAR10_CLASSES)
+
+    def _configure_input(
+        self,
+        num_classes: int,
+        input_size: int = 32,
+        mean: Optional[Sequence[float]] = None,
+        std: Optional[Sequence[float]] = None,
+        class_names: Optional[Sequence[str]] = None,
+    ) -> "Normalize":
+        """Record the input size, the classes and their names; return the model's first layer,
+        the per-channel standardisation (CIFAR-10's statistics unless ``mean``/``std`` are given).
+
+        Models built for another image size keep their internal state near the CIFAR size:
+        :meth:`extra_downsampling` says how many stride-2 steps more the stem takes."""
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if not 8 <= int(input_size) <= 1024:
+            raise ValueError(f"input_size must be between 8 and 1024 pixels, got {input_size}")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
+        self.num_classes = int(num_classes)
+        self.input_shape = (3, int(input_size), int(input_size))
+        if class_names is not None:
+            self.class_names = [str(c) for c in class_names]
+        elif num_classes == len(CIFAR10_CLASSES):
+            self.class_names = list(CIFAR10_CLASSES)
+        else:
+            self.class_names = [f"class_{i}" for i in range(num_classes)]
+        return Normalize(mean or CIFAR10_MEAN, std or CIFAR10_STD)
+
+    @property
+    def input_size(self) -> int:
+        return self.input_shape[-1]
+
+    @property
+    def extra_downsampling(self) -> int:
+        """Stride-2 steps beyond the 32-pixel design: round(log2(size / 32)), at least 0."""
+        return max(0, round(math.log2(self.input_size / 32)))
 
     def __init__(
         self,

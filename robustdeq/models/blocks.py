@@ -1,10 +1,26 @@
-"""Building blocks shared by the convolutional DEQs (single-scale and MDEQ)."""
+"""Building blocks shared by the models: input standardisation and the convolutional DEQs' layers."""
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+class Normalize(nn.Module):
+    """Per-channel standardisation inside the model, so that inputs (and attacks) live in [0, 1]."""
+
+    def __init__(self, mean=CIFAR10_MEAN, std=CIFAR10_STD):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
 
 
 def conv3x3(cin: int, cout: int, stride: int = 1, wnorm: bool = False, bias: bool = False) -> nn.Module:

@@ -2,33 +2,21 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import DEQModel
-from .blocks import InjectedResidualBlock, conv3x3, groups_for
+from .blocks import CIFAR10_MEAN, CIFAR10_STD, InjectedResidualBlock, Normalize, conv3x3, groups_for
 
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-
-
-class Normalize(nn.Module):
-    """Per-channel standardisation inside the model, so that inputs (and attacks) live in [0, 1]."""
-
-    def __init__(self, mean=CIFAR10_MEAN, std=CIFAR10_STD):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return (x - self.mean) / self.std
+__all__ = ["SingleScaleDEQ", "Normalize", "CIFAR10_MEAN", "CIFAR10_STD"]
 
 
 class SingleScaleDEQ(DEQModel):
-    """Stem (32x32 -> C x R x R) + one injected residual block as f + pooled linear head.
+    """Stem (S x S -> C x R x R) + one injected residual block as f + pooled linear head.
 
-    The state is C x R x R with R = 32 / 2**downsample; z has D = C * R * R entries.
+    The state is C x R x R with R = S / 2**downsample for S = 32; a larger input size S takes
+    :attr:`extra_downsampling` more stride-2 steps in the stem, so R stays near 32 / 2**downsample.
+    z has D = C * R * R entries.
     """
 
     def __init__(
@@ -44,13 +32,20 @@ class SingleScaleDEQ(DEQModel):
         solver_kwargs=None,
         n_steps: int = 8,
         readout_state: int = -2,
+        input_size: int = 32,
+        mean=None,
+        std=None,
+        class_names=None,
     ):
         super().__init__(solver=solver, solver_kwargs=solver_kwargs, n_steps=n_steps, readout_state=readout_state)
-        self.num_classes = num_classes
+        normalize = self._configure_input(num_classes, input_size, mean, std, class_names)
         self.channels = channels
-        self.resolution = 32 // (2**downsample)
+        downsample += self.extra_downsampling
+        self.resolution = input_size
+        for _ in range(downsample):
+            self.resolution = (self.resolution + 1) // 2  # a 3x3 convolution of stride 2, padding 1
         # the stem runs once per input, outside the fixed-point loop: BatchNorm as in MDEQ's stem
-        layers = [Normalize(), conv3x3(3, stem_channels, bias=False), nn.BatchNorm2d(stem_channels), nn.ReLU()]
+        layers = [normalize, conv3x3(3, stem_channels, bias=False), nn.BatchNorm2d(stem_channels), nn.ReLU()]
         cin = stem_channels
         for i in range(downsample):
             cout = channels if i == downsample - 1 else stem_channels

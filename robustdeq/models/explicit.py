@@ -18,7 +18,6 @@ from torch import Tensor, nn
 
 from .base import DEQModel
 from .blocks import BasicResidual
-from .deq import Normalize
 
 
 class ExplicitResNet(DEQModel):
@@ -30,14 +29,26 @@ class ExplicitResNet(DEQModel):
     explicit = True
 
     def __init__(
-        self, widths: Sequence[int] = (16, 32, 64), blocks: int = 3, num_classes: int = 10, readout_state: int = -1
+        self,
+        widths: Sequence[int] = (16, 32, 64),
+        blocks: int = 3,
+        num_classes: int = 10,
+        readout_state: int = -1,
+        input_size: int = 32,
+        mean=None,
+        std=None,
+        class_names=None,
     ):
         super().__init__(solver="fixed_point", solver_kwargs={}, n_steps=1, readout_state=readout_state)
-        self.num_classes = num_classes
+        normalize = self._configure_input(num_classes, input_size, mean, std, class_names)
         self.widths = tuple(int(w) for w in widths)
-        self.resolution = 8
         w0 = self.widths[0]
-        layers = [Normalize(), nn.Conv2d(3, w0, 3, padding=1, bias=False), nn.BatchNorm2d(w0), nn.ReLU()]
+        layers = [normalize, nn.Conv2d(3, w0, 3, padding=1, bias=False), nn.BatchNorm2d(w0), nn.ReLU()]
+        # a larger input takes stride-2 residual blocks at the stem's width first (state near 8x8)
+        layers += [BasicResidual(w0, w0, stride=2) for _ in range(self.extra_downsampling)]
+        self.resolution = input_size
+        for _ in range(self.extra_downsampling + 2):
+            self.resolution = (self.resolution + 1) // 2
         cin = w0
         for stage, w in enumerate(self.widths):
             for b in range(blocks):

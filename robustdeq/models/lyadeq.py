@@ -22,7 +22,6 @@ from torch.nn.utils.parametrizations import orthogonal
 
 from .base import DEQModel
 from .blocks import BasicResidual
-from .deq import Normalize
 
 _DENOM_FLOOR = 1e-12
 
@@ -90,9 +89,10 @@ def project_dynamics(F_z: Tensor, v: Tensor, grad_v: Tensor, alpha: float) -> Te
 class ResNet20Features(nn.Module):
     """ResNet-20 (3 stages x 3 basic blocks, 16/32/64 channels) -> a ``dim``-vector."""
 
-    def __init__(self, dim: int = 64, widths=(16, 32, 64), blocks_per_stage: int = 3):
+    def __init__(self, dim: int = 64, widths=(16, 32, 64), blocks_per_stage: int = 3, extra_downsampling: int = 0):
         super().__init__()
         layers = [nn.Conv2d(3, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()]
+        layers += [BasicResidual(widths[0], widths[0], stride=2) for _ in range(extra_downsampling)]
         cin = widths[0]
         for i, w in enumerate(widths):
             for b in range(blocks_per_stage):
@@ -108,7 +108,7 @@ class ResNet20Features(nn.Module):
 class TinyFeatures(nn.Module):
     """A small conv feature extractor for CPU-sized LyaDEQ."""
 
-    def __init__(self, dim: int = 64, widths=(16, 32, 64)):
+    def __init__(self, dim: int = 64, widths=(16, 32, 64), extra_downsampling: int = 0):
         super().__init__()
         layers, cin = [], 3
         for i, w in enumerate(widths):
@@ -117,6 +117,9 @@ class TinyFeatures(nn.Module):
                 nn.BatchNorm2d(w),
                 nn.ReLU(),
             ]
+            if i == 0:  # a larger input: stride-2 steps at the first width, so the work stays near 32x32's
+                for _ in range(extra_downsampling):
+                    layers += [nn.Conv2d(w, w, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU()]
             cin = w
         self.body = nn.Sequential(*layers)
         self.proj = nn.Linear(cin, dim)
@@ -145,6 +148,10 @@ class LyaDEQ(DEQModel):
         solver_kwargs=None,
         n_steps: int = 30,
         readout_state: int = -2,
+        input_size: int = 32,
+        mean=None,
+        std=None,
+        class_names=None,
     ):
         super().__init__(
             solver=solver,
@@ -156,11 +163,17 @@ class LyaDEQ(DEQModel):
             raise ValueError(f"unknown LyaDEQ backbone {backbone!r}; choose 'tiny' or 'resnet20'")
         if stability_steps < 1:
             raise ValueError("stability_steps must be >= 1")
-        self.num_classes, self.dim = num_classes, dim
+        normalize = self._configure_input(num_classes, input_size, mean, std, class_names)
+        self.dim = dim
         self.alpha, self.stability_steps, self.step_size = float(alpha), int(stability_steps), float(step_size)
         widths = tuple(int(w) for w in backbone_widths)
-        features = TinyFeatures(dim, widths) if backbone == "tiny" else ResNet20Features(dim, widths)
-        self.features = nn.Sequential(Normalize(), features)
+        extra = self.extra_downsampling
+        features = (
+            TinyFeatures(dim, widths, extra_downsampling=extra)
+            if backbone == "tiny"
+            else ResNet20Features(dim, widths, extra_downsampling=extra)
+        )
+        self.features = nn.Sequential(normalize, features)
         # DEQ layer, paper 2 Eq. 11: f(z, x) = BN(ReLU(x + W2 BN(ReLU(W1 z + b1)) + b2))
         self.W1 = nn.Linear(dim, hidden)
         self.bn1 = nn.BatchNorm1d(hidden)

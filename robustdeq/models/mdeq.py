@@ -18,7 +18,6 @@ from torch import Tensor, nn
 
 from .base import DEQModel
 from .blocks import Bottleneck, InjectedResidualBlock, conv1x1, conv3x3, groups_for
-from .deq import Normalize
 
 
 class _Fuse(nn.Module):
@@ -82,19 +81,29 @@ class MDEQ(DEQModel):
         solver_kwargs=None,
         n_steps: int = 8,
         readout_state: int = -2,
+        input_size: int = 32,
+        mean=None,
+        std=None,
+        class_names=None,
     ):
         super().__init__(solver=solver, solver_kwargs=solver_kwargs, n_steps=n_steps, readout_state=readout_state)
         if len(channels) != len(head_channels):
             raise ValueError("channels and head_channels need one entry per scale")
-        self.num_classes = num_classes
+        normalize = self._configure_input(num_classes, input_size, mean, std, class_names)
         self.channels = list(channels)
-        self.resolutions = [32 // 2**i for i in range(len(channels))]
+        extra = self.extra_downsampling  # a larger input: stride-2 steps in the stem, branches near 32/16/8/4
+        if input_size % 2 ** (len(channels) - 1 + extra):
+            raise ValueError(f"input_size {input_size} must be divisible by {2 ** (len(channels) - 1 + extra)}")
+        self.resolutions = [input_size // 2 ** (extra + i) for i in range(len(channels))]
         c0 = self.channels[0]
+        step = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU)
+        reduce = [m for _ in range(extra) for m in (step[0](c0, c0, 3, 2, 1, bias=False), step[1](c0), step[2]())]
         self.stem = nn.Sequential(
-            Normalize(),
+            normalize,
             nn.Conv2d(3, c0, 3, padding=1, bias=False),
             nn.BatchNorm2d(c0),
             nn.ReLU(),
+            *reduce,
             nn.Conv2d(c0, c0, 3, padding=1, bias=False),
             nn.BatchNorm2d(c0),
         )
