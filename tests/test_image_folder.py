@@ -178,3 +178,16 @@ def test_cifar_presets_keep_their_names_size_and_weights():
     assert model.class_names == list(CLASSES) and model.input_size == 32 and "input_size" not in model.config()
     with pytest.raises(ValueError, match="class names"):
         create_model("deq-tiny", num_classes=3, class_names=["a", "b"])
+
+
+def test_the_augmentation_padding_scales_with_the_image():
+    from robustdeq.data import augment
+
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    x = torch.rand(8, 3, 32, 32)
+    assert torch.equal(augment(x, g()), augment(x, g(), padding=4))  # the CIFAR recipe unchanged
+    big = torch.ones(64, 3, 64, 64)
+    shifted = augment(big, g())
+    # zero padding shows where the crop moved: up to 8 pixels at 64x64, more than 32x32's 4
+    zero_cols = (shifted.sum((1, 2)) == 0).sum(1)
+    assert zero_cols.max() > 4 and zero_cols.max() <= 8
