@@ -54,6 +54,10 @@ def test_every_figure_comes_from_a_committed_result(tmp_path):
     defended = json.loads((tmp_path / "docs" / "robustbench" / f"{recipe}-defense-T2-R10.json").read_text())
     assert plain["number_forward_passes"] == 1 < defended["number_forward_passes"]
     assert plain["autoattack_acc"] == f"{worst:.2f}"
+    # its defense ran the first chain (no APGD-T through it): the gain names it, the export is unreliable
+    assert "Does the defense help? (first chain)" in page and "no APGD-T through the defense" in page
+    assert defended["unreliable"] is True and "no APGD-T through the defense" in defended["footnote"]
+    assert plain["unreliable"] is False
 
 
 def _shipped_results(recipe: str) -> dict:
@@ -97,6 +101,30 @@ def test_a_full_test_set_evaluation_is_the_exported_headline(tmp_path):
     assert "attacks here (PGD-10, APGD-T)," in plain["footnote"]
 
 
+def test_a_chain_weaker_than_the_current_one_is_named():
+    from robustdeq.evaluation.results_page import _chain_gaps, _chain_steps
+
+    results = _shipped_results("deq-tiny-trades-rs")
+    setting = results["settings"][1]
+    assert _chain_gaps(results, setting) == [
+        "no APGD-T through the defense",
+        "Square with 100 queries instead of 1000, on 100 of the 203 survivors",
+    ]
+    assert _chain_steps(setting)[-1] == "Square (100 queries on 100 of its 203 survivors)"
+    chain = [
+        {"attack": "bpda", "attacked": 211},
+        {"attack": "apgd-t-unroll", "attacked": 207, "targets": 9, "iterations": 20},
+        {"attack": "square", "attacked": 203, "queried": 203, "queries": 1000},
+    ]
+    current = {**setting, "chain": chain}
+    assert _chain_gaps(results, current) == []
+    assert _chain_steps(current) == [
+        "BPDA",
+        "APGD-T via the unroll (9 targets x 20 iterations)",
+        "Square (1000 queries on every survivor)",
+    ]
+
+
 def _plain_model(pgd2: float, pgd8: float, worst: float, attacks: dict, n: int = 100) -> dict:
     """A minimal evaluation of a plain-trained model: protocol-exact PGD at 2 and 8/255, per-sample results."""
     bits = lambda acc: "1" * round(acc * n) + "0" * (n - round(acc * n))  # noqa: E731
@@ -114,6 +142,7 @@ def test_the_paper2_verdict_says_whether_the_claim_survives_stronger_attacks():
                                              "cross-model/deq-small-clean": 0.20})  # fmt: skip
     verdict = _paper2_verdict({"lyadeq-small-clean": masked, "deq-small-clean": deq}, [])
     assert "keeps 45.0% and the plain DEQ 2.0%" in verdict
+    assert "(paper 2: 43.96 for its LyaDEQ with the orthogonal FC layer, 11.12 for its DEQ" in verdict
     assert "strongest single attack on the LyaDEQ is `square` (1.0%)" in verdict
     assert "leave the LyaDEQ 20.0%" in verdict and "overstates the LyaDEQ's robustness by 44.0 points" in verdict
     assert "claim holds only under the protocol's attack" in verdict and "(43.0 points)" in verdict

@@ -38,7 +38,10 @@ SHARDS=${SHARDS:-1}
 # the flags of each recipe's evaluation (the transfer pass must repeat them to resume it)
 flags() {
     case "$1" in
-        deq-tiny-trades-rs) echo "" ;;  # everything, with the defense
+        # everything, with the defense. The committed evaluation (2026-11-21) ran the first adaptive
+        # chain (no APGD-T through the defense, Square with 100 queries on 100 survivors); a fresh
+        # run gets today's chain on all 1,000 images, several core-hours (docs/evaluation.md)
+        deq-tiny-trades-rs) echo "" ;;
         deq-small-nfgsm-rs) echo "--defense none" ;;  # everything; the defense: below
         # the same, in blocks that 2 shards can split and batches that its defended run repeats
         deq-small-nfgsm-rs-long) echo "--defense none --block 500 --batch-size 100" ;;
@@ -96,7 +99,7 @@ transfer() {
 
 recipes=("$@")
 [ ${#recipes[@]} -gt 0 ] || recipes=(
-    deq-small-nfgsm-rs-long  # skipped until its long run has finished (no model.pt before that)
+    deq-small-nfgsm-rs-long  # the default (its full test set: training/evaluate_full_test.sh)
     deq-small-nfgsm-rs deq-small-nfgsm lyadeq-small-nfgsm-rs resnet-peer-nfgsm deq-small-clean lyadeq-small-clean
     deq-tiny-trades-rs deq-tiny-trades lyadeq-tiny-trades
 )
@@ -115,7 +118,8 @@ transfer deq-small-clean lyadeq-small-clean
 transfer lyadeq-small-nfgsm-rs deq-small-nfgsm-rs
 
 # the default's defense on the first DEFENDED_N images, with the same transfers, and its combined card:
-# the long run once it is evaluated, the budget-B default before that
+# the long run's (committed in training/shipped/deq-small-nfgsm-rs-long/evaluation-defended/); the
+# budget-B run stands in only where the long run has no evaluation in runs/eval/
 defended=deq-small-nfgsm-rs-long
 [ -f "runs/eval/$defended/results.json" ] || defended=deq-small-nfgsm-rs
 if [ "$DEFENDED_N" -gt 0 ] && [ -f "runs/eval/$defended/results.json" ]; then

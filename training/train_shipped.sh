@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Train (or resume) the shipped checkpoints into training/shipped/<recipe>/. Each run resumes
-# from its last.pt, so this script can be stopped and started again.
+# from its last.pt, so this script can be stopped and started again. Every recipe below has
+# finished and is committed (model.pt, last.pt, logs, curves; the long runs chunk by chunk in
+# docs/training-budget.md). Rerunning a finished recipe finds its run complete and stops, though
+# it still replaces that recipe's train.out and adds a line to its command.txt. To train longer,
+# raise the recipe's optim.epochs; to retrain from scratch, move its folder away first.
 # Usage: bash training/train_shipped.sh [recipe ...]   (default: every shipped recipe, in order)
 #   TIME_LIMIT=150 bash training/train_shipped.sh deq-small-nfgsm-rs   # one chunk: stop resumably after 150 min
 #   JOBS=2 bash training/train_shipped.sh deq-small-nfgsm-rs deq-small-nfgsm   # two runs at once (one core each)
@@ -15,7 +19,7 @@ if [ ${#recipes[@]} -eq 0 ]; then
   recipes=(
     deq-small-nfgsm-rs deq-small-nfgsm lyadeq-small-nfgsm-rs resnet-peer-nfgsm  # equal budget B (issue 15)
     deq-small-clean lyadeq-small-clean                                         # plain-trained, paper 2's protocol
-    deq-small-nfgsm-rs-long                                                    # the default's own ~8 CPU-hour run
+    deq-small-nfgsm-rs-long                                                    # the default's own long run: 50 epochs, 9.1 CPU-h in 6 chunks
     deq-tiny-trades-rs deq-tiny-trades lyadeq-tiny-trades lyadeq-tiny-clean     # the previous tiny set (fast lane)
   )
 fi

@@ -2,9 +2,11 @@
 
 Everything on the page is read from committed files: each model's evaluation
 (``training/shipped/<recipe>/evaluation/results.json``, written by ``robustdeq evaluate``
-through ``training/evaluate_shipped.sh``) and its training summary. The papers' figures are
-quoted with their table numbers. The page also exports each model's headline in
-RobustBench's model-info layout (``docs/robustbench/<recipe>.json``).
+through ``training/evaluate_shipped.sh``), its training summary and its recipe
+(``config.yaml``). The papers' figures are quoted with their table numbers. The page also
+exports each model's headline in RobustBench's model-info layout
+(``docs/robustbench/<recipe>.json``); a defense whose adaptive chain was weaker than the
+suite's current one is named so and exported as ``unreliable``.
 
 Regenerate with ``python -m robustdeq.evaluation.results_page``; ``tests/test_results_page.py``
 fails when the committed page or exports differ from what the committed results give.
@@ -15,7 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -81,6 +83,10 @@ PAPER2_TABLE1 = (
         (("I-FGSM", (47.38, 47.31, 46.71, 45.80)), ("PGD", (45.04, 44.81, 44.50, 43.96))),
     ),
 )
+#: the row of PAPER2_TABLE1 that matches the LyaDEQ shipped here (it has the orthogonal FC layer)
+PAPER2_SHIPPED_ROW = "LyaDEQ w/ orthogonal FC"
+#: paper 2 Sec. 5.2.1: training epochs on CIFAR-10
+PAPER2_CIFAR_EPOCHS = 50
 RADII = (2, 4, 6, 8)
 _AA = ("attack/apgd-ce", "attack/apgd-t", "attack/square")
 
@@ -94,6 +100,15 @@ def _load(root: Path, recipe: str, folder: str = "evaluation") -> Optional[dict]
 def _summary(root: Path, recipe: str) -> dict:
     path = root / "training" / "shipped" / recipe / "summary.json"
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _config(root: Path, recipe: str) -> dict:
+    path = root / "training" / "shipped" / recipe / "config.yaml"
+    if not path.is_file():
+        return {}
+    import yaml
+
+    return yaml.safe_load(path.read_text()) or {}
 
 
 def _bits(r: dict, key: str) -> Optional[List[bool]]:
@@ -129,6 +144,60 @@ def _defended(r: dict) -> Optional[dict]:
     return None
 
 
+#: adaptive attack names in a setting's ``chain`` -> how the page names them
+_CHAIN_LABELS = {
+    "bpda": "BPDA",
+    "unroll": "the unroll of Algorithm 1",
+    "apgd-t-bpda": "APGD-T via BPDA",
+    "apgd-t-unroll": "APGD-T via the unroll",
+    "gate-aware": "the gate-aware attack",
+    "square": "Square",
+}
+#: where the page explains the chains (a heading of the page)
+CHAINS_HEADING = "The adaptive chains behind the defense figures"
+CHAINS_ANCHOR = "#the-adaptive-chains-behind-the-defense-figures"
+
+
+def _chain_steps(setting: dict) -> List[str]:
+    """The attacks through the defense that a setting's worst case survived, in the order they ran."""
+    out = []
+    for step in setting["chain"]:
+        label = _CHAIN_LABELS.get(step["attack"], step["attack"])
+        if "targets" in step and "iterations" in step:
+            label += f" ({step['targets']} targets x {step['iterations']} iterations)"
+        if step["attack"] == "square" and "queries" in step:
+            queried = step.get("queried", step["attacked"])
+            on = "every survivor" if queried >= step["attacked"] else f"{queried} of its {step['attacked']} survivors"
+            label += f" ({step['queries']} queries on {on})"
+        out.append(label)
+    return out
+
+
+def _chain_gaps(r: dict, setting: dict) -> List[str]:
+    """What a setting's adaptive chain lacks against the suite's current one: APGD-T through
+    the defense, and Square with the evaluation's full query budget on every survivor. An
+    empty list means the current chain ran."""
+    steps = setting["chain"]
+    gaps = []
+    if not any(step["attack"].startswith("apgd-t") for step in steps):
+        gaps.append("no APGD-T through the defense")
+    budget = r.get("config", {}).get("square_queries")
+    for step in (s for s in steps if s["attack"] == "square"):
+        queries, queried = step.get("queries"), step.get("queried", step["attacked"])
+        few = budget is not None and queries is not None and queries < budget
+        if few or queried < step["attacked"]:
+            gap = f"Square with {queries} queries" + (f" instead of {budget}" if few else "")
+            if queried < step["attacked"]:
+                gap += f", on {queried} of the {step['attacked']} survivors"
+            gaps.append(gap)
+    return gaps
+
+
+def _chain_name(gaps: List[str]) -> str:
+    """The first evaluations ran no APGD-T through the defense; later ones may only be cut short."""
+    return "first chain" if "no APGD-T through the defense" in gaps else "reduced chain"
+
+
 #: where a recipe's defense was evaluated on the first images only (``robustdeq combine-cards``)
 DEFENDED_FOLDER = "evaluation-defended"
 
@@ -142,6 +211,7 @@ class Evaluated:
     defense_folder: str
     full: Optional[dict]  # evaluation-full/: the full test set, sharded (training/evaluate_full_test.sh)
     summary: dict  # the training summary
+    config: dict = field(default_factory=dict)  # the training recipe (config.yaml), as resolved by the run
 
 
 def read_evaluations(root: Path = PROJECT_ROOT) -> Dict[str, Evaluated]:
@@ -155,6 +225,7 @@ def read_evaluations(root: Path = PROJECT_ROOT) -> Dict[str, Evaluated]:
             defense_folder=DEFENDED_FOLDER if prefix is not None else "evaluation",
             full=_load(root, m.recipe, "evaluation-full"),
             summary=_summary(root, m.recipe),
+            config=_config(root, m.recipe),
         )
     return out
 
@@ -175,8 +246,9 @@ def render_page(root: Path = PROJECT_ROOT, evaluated: Optional[Dict[str, Evaluat
     )
     _headline(L, evaluated)
     _paper1(L, results)
-    _paper2(L, results)
+    _paper2(L, results, {recipe: e.config for recipe, e in evaluated.items()})
     _comparisons(L, evaluated)
+    _chains(L, evaluated)
     _transfer(L, results)
     _checks(L, results)
     add("\n## RobustBench model-info export\n")
@@ -184,7 +256,8 @@ def render_page(root: Path = PROJECT_ROOT, evaluated: Optional[Dict[str, Evaluat
         "Each evaluated model's headline in RobustBench's `model_info` layout: `docs/robustbench/<recipe>.json`. "
         "`autoattack_acc` holds this project's per-sample worst case, which runs APGD-CE, APGD-T and Square of the "
         "reference AutoAttack code plus PGD and paper 1's intermediate-state attacks, but not FAB-T; each file's "
-        "footnote says so and gives n.\n"
+        "footnote says so and gives n. A defense's file names the attacks that ran through it; one whose chain was "
+        f"weaker than the current one ([above]({CHAINS_ANCHOR})) has `unreliable` set.\n"
     )
     for name in robustbench_entries(root, evaluated):
         add(f"- [`{name}.json`](robustbench/{name}.json)")
@@ -211,6 +284,9 @@ def _headline(L: List[str], evaluated: Dict[str, Evaluated]) -> None:
         defended = f"{d['name']}: {_pct(_from_dict(d['worst_case']))}" if d else "–"
         if d and rd is not r:
             defended += f" (first {rd['subset']['n']})"
+        gaps = _chain_gaps(rd, d) if d else []
+        if gaps:
+            defended += f" ([{_chain_name(gaps)}, weaker than today's]({CHAINS_ANCHOR}))"
         add(_model_row(m.recipe, m.role, cpu_h, r, defended, "evaluation"))
         if e.full is not None:  # the full test set, sharded (training/evaluate_full_test.sh)
             role = f"the same, full test set (sharded; {', '.join(_attack_families(e.full, {}))})"
@@ -254,21 +330,26 @@ def _paper1(L: List[str], results: Dict[str, Optional[dict]]) -> None:
         )
 
 
-def _paper2(L: List[str], results: Dict[str, Optional[dict]]) -> None:
+def _paper2(L: List[str], results: Dict[str, Optional[dict]], configs: Dict[str, dict]) -> None:
     add = L.append
     add("\n## Paper 2, Table 1, under its own protocol and under ours\n")
     add(
         "Paper 2's protocol: I-FGSM (no random start) and PGD (uniform random start), step 1/255, "
         "n = floor(min(255 eps + 4, 1.25 * 255 eps)) steps (its Eq. 14), the gradient of the model's own training "
-        'backward at the final state (`robustdeq evaluate --attacks radii`). "Worst case" is this suite\'s '
+        "backward at the final state (`robustdeq evaluate --attacks radii`). Every LyaDEQ here has the orthogonal FC "
+        f'layer, so its row in the paper is "{PAPER2_SHIPPED_ROW}"; the row without it is listed for completeness. '
+        '"Protocol-exact" rows run the protocol\'s attacks but count as this suite does: an image is broken if any '
+        "iterate, the random start included, fools the model, where paper 2 scores only the final iterate. They "
+        "can therefore only be lower than the paper's own count would be. \"Worst case\" is this suite's "
         "per-sample worst at 8/255 on the same images.\n"
     )
     add("| source | model | clean | attack | 2/255 | 4/255 | 6/255 | 8/255 | worst case at 8/255 |")
     add("|---|---|---|---|---|---|---|---|---|")
     for model, clean, rows in PAPER2_TABLE1:
+        label = f"{model} (the architecture here)" if model == PAPER2_SHIPPED_ROW else model
         for attack, accs in rows:
             add(
-                f"| paper 2 Table 1 (GPU) | {model} | {clean:.2f} | {attack} | "
+                f"| paper 2 Table 1 (GPU) | {label} | {clean:.2f} | {attack} | "
                 + " | ".join(f"{a:.2f}" for a in accs)
                 + " | |"
             )
@@ -289,7 +370,49 @@ def _paper2(L: List[str], results: Dict[str, Optional[dict]]) -> None:
                 + f" | {_pct(_acc(r, 'worst/none'), False)} |"
             )
     add("")
+    scale = _paper2_scale(results, configs)
+    if scale:
+        add(scale + "\n")
     add("**Verdict.** " + _paper2_verdict(results, pending))
+
+
+#: the plain-trained pair that paper 2's claim is tested on: (recipe here, its row in PAPER2_TABLE1)
+PAPER2_PAIR = (("lyadeq-small-clean", PAPER2_SHIPPED_ROW), ("deq-small-clean", "DEQ (baseline)"))
+
+
+def _paper2_scale(results: Dict[str, Optional[dict]], configs: Dict[str, dict]) -> str:
+    """How the plain-trained pair here differs in scale from paper 2's, and how to read the final
+    iterate, which the committed evaluations do not record."""
+    paper_clean = {name: clean for name, clean, _ in PAPER2_TABLE1}
+    parts = []
+    for recipe, row in PAPER2_PAIR:
+        r = results.get(recipe)
+        if r is None:
+            continue
+        epochs = (configs.get(recipe) or {}).get("optim", {}).get("epochs")
+        trained = f"{epochs} epochs" if epochs else "its recipe's epochs"
+        parts.append(
+            f"`{recipe}` ({r['model']}, N = {r['n_steps']}) trained {trained} and reaches "
+            f"{_pct(_acc(r, 'clean'), False)}% clean, against {paper_clean[row]:.2f} for paper 2's {row}"
+        )
+    if not parts:
+        return ""
+    commands = ", ".join(f"'{recipe}'" for recipe, _ in PAPER2_PAIR)
+    return (
+        f"**Differences of scale.** Paper 2 trains for {PAPER2_CIFAR_EPOCHS} epochs on the original CIFAR-10 "
+        "(its Sec. 5.2.1), with standard ResNet-20 features and up to 50 Anderson iterations. The "
+        "plain pair here trained on 2 CPU cores, on CIFAR-10 re-encoded as JPEG at quality 75 (its pixels differ "
+        "slightly from the original's): "
+        + "; ".join(parts)
+        + ". Models this much weaker on clean images start from a different place, so the comparison tests "
+        "the direction of the claim more than its size.\n\n"
+        "**The final iterate is not measured yet.** The committed evaluations record only the any-iterate count "
+        "above. Paper 2's PGD at 8/255 is 10 steps of 1/255 from a uniform random start; its final-iterate "
+        "accuracy on the same 1,000 images would come from "
+        '`python -c "from robustdeq.evaluation import checkpoint_accuracy as acc; '
+        f"[print(r, acc(f'training/shipped/{{r}}/model.pt', n=1000, step_size=1/255, progress=False)['pgd_acc']) "
+        f'for r in ({commands})]"` (not run).'
+    )
 
 
 def _paper2_pgd(model: str) -> Tuple[float, float]:
@@ -332,11 +455,12 @@ def _paper2_verdict(results: Dict[str, Optional[dict]], pending: List[str]) -> s
     (l2, l8), (d2, d8) = lya_pgd, deq_pgd
     lw, dw = _acc(lya, "worst/none").value, _acc(deq, "worst/none").value
     name, strongest = _strongest_attack(lya)
-    pl2, pl8 = _paper2_pgd("LyaDEQ w/o orthogonal FC")
+    pl2, pl8 = _paper2_pgd(PAPER2_SHIPPED_ROW)
     pd2, pd8 = _paper2_pgd("DEQ (baseline)")
     parts = [
         f"Under paper 2's own PGD at 8/255 the plain LyaDEQ keeps {100 * l8:.1f}% and the plain DEQ "
-        f"{100 * d8:.1f}% (paper 2: {pl8:.2f} and {pd8:.2f}). From 2/255 to 8/255 the LyaDEQ loses "
+        f"{100 * d8:.1f}% (paper 2: {pl8:.2f} for its LyaDEQ with the orthogonal FC layer, {pd8:.2f} for its DEQ; "
+        "counted here on any iterate, there on the final one). From 2/255 to 8/255 the LyaDEQ loses "
         f"{100 * (l2 - l8):.1f} points (paper 2: {pl2 - pl8:.2f}) and the DEQ {100 * (d2 - d8):.1f} "
         f"(paper 2: {pd2 - pd8:.2f}).",
         f"Under this suite's per-sample worst case at 8/255 the LyaDEQ keeps {100 * lw:.1f}% and the DEQ "
@@ -394,10 +518,56 @@ def _comparisons(L: List[str], evaluated: Dict[str, Evaluated]) -> None:
         d = _defended(r) if r else None
         if d is None:
             continue
+        gaps = _chain_gaps(r, d)
+        question = "Does the defense help?" + (f" ({_chain_name(gaps)})" if gaps else "")
         for key in ("clean", "worst"):
             base, other = ("clean", f"clean/{d['name']}") if key == "clean" else ("worst/none", f"worst/{d['name']}")
             res = mcnemar(_bits(r, base), _bits(r, other))
-            add(_mcnemar_row("Does the defense help?", f"`{m.recipe}` plain", d["name"], base, res))
+            add(_mcnemar_row(question, f"`{m.recipe}` plain", d["name"], base, res))
+
+
+def _chains(L: List[str], evaluated: Dict[str, Evaluated]) -> None:
+    """Which adaptive attacks each defense figure survived, and which evaluations ran a weaker
+    chain than the suite's current one (their gains are quoted with the chain that made them)."""
+    rows = []
+    for m in MODELS:
+        r = evaluated[m.recipe].defense
+        d = _defended(r) if r else None
+        if d is not None:
+            res = mcnemar(_bits(r, "worst/none"), _bits(r, f"worst/{d['name']}"))
+            rows.append((m.recipe, r, d, _chain_gaps(r, d), res))
+    if not rows:
+        return
+    add = L.append
+    add(f"\n### {CHAINS_HEADING}\n")
+    add(
+        "A defense's worst case counts the attacks on the undefended model, transferred, and then the attacks "
+        "through the defense listed here, in the order they ran, each on the images that everything before it "
+        "left correct. The suite's current chain runs APGD-T through the defense (via BPDA and via the unroll) "
+        "and Square with the full query budget on every survivor ([evaluation.md](evaluation.md)).\n"
+    )
+    current = [(recipe, res) for recipe, _, _, gaps, res in rows if not gaps]
+    for recipe, r, d, gaps, res in rows:
+        line = (
+            f"- `{recipe}` {d['name']} ({r['subset']['n']} images, evaluated {r['date'][:10]}): "
+            + ", ".join(_chain_steps(d))
+            + f". Worst case {100 * res.b_correct / res.n:.1f} with the defense against "
+            f"{100 * res.a_correct / res.n:.1f} without ({100 * res.difference:+.1f} points, McNemar p = "
+            f"{res.p_value:.3g})."
+        )
+        if gaps:
+            line += f" **This is the {_chain_name(gaps)}, weaker than today's:** " + "; ".join(gaps) + "."
+            if current:
+                line += (
+                    " Its gain has not been rechecked with today's chain, which finds "
+                    + ", ".join(
+                        f"{100 * c.difference:+.1f} points (p = {c.p_value:.3g}) on `{rec}`" for rec, c in current
+                    )
+                    + "."
+                )
+            else:
+                line += " Its gain has not been rechecked with today's chain."
+        add(line)
 
 
 def _mcnemar_row(question: str, a: str, b: str, metric: str, r) -> str:
@@ -465,12 +635,20 @@ def robustbench_entries(root: Path = PROJECT_ROOT, evaluated: Optional[Dict[str,
         )  # fmt: skip
         if d is not None:
             cost = d.get("cost_vs_plain") or 1.0
+            gaps = _chain_gaps(rd, d)
+            chain = f"Adaptive attacks through it, in order: {', '.join(_chain_steps(d))}."
+            if gaps:
+                chain += (
+                    f" This is the project's {_chain_name(gaps)}, weaker than the current one "
+                    f"({'; '.join(gaps)}), so the entry is marked unreliable until it is rerun."
+                )
             out[f"{m.recipe}-{d['name']}"] = _robustbench(
                 rd, m, d, passes=max(1, math.ceil(cost)), folder=folder,
                 reported=(d.get("non_adaptive") or {}).get("acc"),
-                note=f"Test-time defense {d['name']} (paper 1 Algorithm 1); the suite includes adaptive attacks "
-                f"through it. reported is the attacks on the undefended model transferred (the paper's number). "
-                f"number_forward_passes is its measured cost, {cost:.1f}x a plain prediction, rounded up.",
+                note=f"Test-time defense {d['name']} (paper 1 Algorithm 1). {chain} reported is the attacks on the "
+                f"undefended model transferred (the paper's number). number_forward_passes is its measured cost, "
+                f"{cost:.1f}x a plain prediction, rounded up.",
+                unreliable=bool(gaps),
             )  # fmt: skip
     return out
 
@@ -501,7 +679,14 @@ def _evaluated_on(r: dict) -> str:
 
 
 def _robustbench(
-    r: dict, m: Model, setting: dict, passes: int, reported: Optional[float], note: str, folder: str = "evaluation"
+    r: dict,
+    m: Model,
+    setting: dict,
+    passes: int,
+    reported: Optional[float],
+    note: str,
+    folder: str = "evaluation",
+    unreliable: bool = False,
 ) -> dict:
     return {
         "link": f"training/shipped/{m.recipe}/{folder}/results.json",
@@ -519,7 +704,7 @@ def _robustbench(
         "autoattack_acc": f"{100 * setting['worst_case']['acc']:.2f}",
         "footnote": f"{_evaluated_on(r)} autoattack_acc is the per-sample worst case of robustdeq's attacks here "
         f"({', '.join(_attack_families(r, setting))}), not AutoAttack standard (no FAB-T). {note}",
-        "unreliable": False,
+        "unreliable": unreliable,
     }
 
 
