@@ -62,7 +62,15 @@ def _describe(cfg: dict) -> str:
     optim = f"{'Adam' if name == 'adam' else 'SGD-N'} {opt['lr']:g} {sched}"
     if opt.get("ema_decay"):
         optim += f" + EMA {opt['ema_decay']:g}"
-    return f"{obj}{atk}; {optim}"
+    # the speed levers of issue 30, where a pilot sets them
+    levers = []
+    if o.get("attack_unroll") is not None and o["attack_unroll"] != o.get("unroll", 5):
+        levers.append(f"attack unroll K = {o['attack_unroll']}")
+    if o.get("jacobian_weight") and o.get("jacobian_fraction", 1.0) < 1.0:
+        levers.append(f"Jacobian on {o['jacobian_fraction']:g} of the batch")
+    if o.get("jacobian_weight") and o.get("jacobian_every", 1) > 1:
+        levers.append(f"Jacobian every {o['jacobian_every']} steps")
+    return f"{obj}{atk}; {optim}" + (f"; {', '.join(levers)}" if levers else "")
 
 
 def _measured_cpu(folder: Path) -> Optional[float]:
