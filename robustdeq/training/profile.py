@@ -30,7 +30,7 @@ from ..attacks import pgd_linf
 from ..dynamics import CellMap, damped_unroll, phantom_forward
 from ..models import create_model
 from ..solvers import solve
-from .blocks import jacobian_regularizer
+from .loss_terms import jacobian_regularizer
 from .objectives import trades_kl
 
 __all__ = ["profile_step", "format_profile", "main"]
