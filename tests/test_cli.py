@@ -63,6 +63,26 @@ def test_every_python_m_tool_is_a_subcommand():
     assert len(tools) >= 9 and tools <= reachable, tools - reachable
 
 
+@pytest.mark.parametrize(
+    "module",
+    ["robustdeq.training.profile", "robustdeq.training.speed", "robustdeq.training.budget",
+     "robustdeq.training.long_runs", "robustdeq.evaluation.results_page", "robustdeq.serving.fuzz",
+     "robustdeq.serving.health"],
+)  # fmt: skip
+def test_python_m_entry_points_keep_working_for_scripts(module, capsys):
+    from importlib import import_module
+
+    with pytest.raises(SystemExit) as done:
+        import_module(module).main(["--help"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith(f"usage: python -m {module} ")
+
+
+def test_the_generators_of_committed_files_print_them():
+    assert run_cli("metrics-yaml").stdout == (ROOT / "serving" / "metrics.yaml").read_text()
+    dashboard = ROOT / "serving" / "grafana" / "robustdeq-dashboard.json"
+    assert run_cli("grafana-dashboard").stdout == dashboard.read_text()
+
+
 def test_help_imports_no_tool_and_no_torch():
     code = (
         "import contextlib, io, sys\n"
