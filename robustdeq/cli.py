@@ -1,129 +1,130 @@
-"""The ``robustdeq`` command line: one entry point with subcommands (compare ``torchserve``)."""
+"""The ``robustdeq`` command line: one entry point with subcommands (compare ``torchserve``).
+
+Every subcommand is one row of :data:`COMMANDS`: its name, the module that holds it and its
+one-line help. The module defines ``add_<stem>_arguments(parser)`` (the options, and the
+description when there is more to say) and ``run_<stem>(args)``, which returns the exit
+status; the stem is the command's name with ``_`` for ``-`` unless the row names another.
+Only the module of the command being run is imported, so ``robustdeq --help`` loads no
+tool and no torch. ``python -m`` entry points that remain (``robustdeq.serving.health`` for
+probes, the generators of committed files) are there for scripts and call the same functions.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import List, Optional
+from importlib import import_module
+from typing import Dict, Iterable, List, NamedTuple, Optional
 
 from . import __version__
 
-
-def _models(args: argparse.Namespace) -> int:
-    from .models import MODEL_PRESETS, create_model
-
-    print(f"{'name':<18}{'parameters':>12}  solver      N   description")
-    for name in sorted(MODEL_PRESETS):
-        model = create_model(name)
-        print(
-            f"{name:<18}{model.num_parameters():>12,}  {model.solver_name:<10}{model.n_steps:>3}   "
-            f"{MODEL_PRESETS[name][2]}"
-        )
-    return 0
+__all__ = ["COMMANDS", "Command", "build_parser", "main"]
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
-    return run_demo(args)
-
-
-def _gpu_check(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from .bench.gpu_check import run_gpu_check
-
-    report = run_gpu_check(Path(args.out), args.sections, quick=args.quick)
-    print((Path(args.out) / "gpu-check.md").read_text())
-    return 0 if report["verdict"] == "pass" else 1
+class Command(NamedTuple):
+    module: str  # holds add_<stem>_arguments(parser) and run_<stem>(args)
+    help: str
+    stem: str = ""  # default: the command's name with "_" for "-"
 
 
-def _bench(args: argparse.Namespace) -> int:
-    from .bench import run_bench
+#: name -> the subcommand, in the order ``robustdeq --help`` lists them
+COMMANDS: Dict[str, Command] = {
+    # models and training
+    "models": Command("robustdeq.models.cli", "list the registered models with parameter counts"),
+    "demo": Command("robustdeq.demo", "classify CIFAR-10 test images and print the entropy along the dynamics"),
+    "train": Command(
+        "robustdeq.training.cli",
+        "train a DEQ / LyaDEQ with PGD-AT, TRADES and random intermediate states (paper 1 Sec. 3.3)",
+    ),
+    "profile-training": Command(
+        "robustdeq.training.profile", "where the time of one adversarial training step goes", "profile"
+    ),
+    "training-speed": Command(
+        "robustdeq.training.speed", "time training-speed levers against a recipe, in interleaved rounds", "speed"
+    ),
+    "training-budget": Command(
+        "robustdeq.training.budget", "rank the training-budget pilots by robust accuracy per CPU-hour", "budget"
+    ),
+    "long-runs": Command("robustdeq.training.long_runs", "chunk-by-chunk account of the long training runs"),
+    # evaluation
+    "accuracy": Command(
+        "robustdeq.evaluation.cli", "clean and ready-made PGD-10 accuracy of a checkpoint (quick, non-adaptive)"
+    ),
+    "evaluate": Command(
+        "robustdeq.evaluation.cli",
+        "honest robustness evaluation: intermediate-state, AutoAttack and adaptive attacks",
+    ),
+    "merge-shards": Command(
+        "robustdeq.evaluation.cli", "merge the folders of 'robustdeq evaluate --shard i/k' into one evaluation", "merge"
+    ),
+    "compare": Command(
+        "robustdeq.evaluation.cli", "paired McNemar tests between two evaluations (or the settings of one)"
+    ),
+    "card": Command(
+        "robustdeq.evaluation.cli",
+        "print a robustness card as a table: robust accuracy vs cost per T_f/R setting",
+    ),
+    "combine-cards": Command(
+        "robustdeq.evaluation.cli",
+        "one robustness card from an undefended evaluation and a defended one of its first images",
+        "combine",
+    ),
+    "attack-coverage": Command(
+        "robustdeq.evaluation.cli",
+        "which attacks set an evaluation's worst case (unique breaks, greedy cover, attack time)",
+        "coverage",
+    ),
+    "results-page": Command(
+        "robustdeq.evaluation.results_page",
+        "regenerate docs/results.md and docs/robustbench/*.json from the committed evaluations",
+    ),
+    # serving
+    "export": Command("robustdeq.export", "export the plain forward of a checkpoint to ONNX and check parity"),
+    "archive": Command("robustdeq.serving.cli", "build TorchServe archives (.mar) from a checkpoint"),
+    "serve": Command("robustdeq.serving.cli", "start TorchServe on 127.0.0.1 with the shipped archives"),
+    "health": Command(
+        "robustdeq.serving.health",
+        "exit 0 when the server answers /ping and every model is loaded (the Docker HEALTHCHECK)",
+    ),
+    "kserve-layout": Command(
+        "robustdeq.serving.kserve", "write the model storage (config/ + model-store/) a KServe InferenceService mounts"
+    ),
+    "stop": Command("robustdeq.serving.cli", "stop the server started by 'robustdeq serve'"),
+    "predict": Command("robustdeq.serving.cli", "classify image files through a running server"),
+    "grafana-dashboard": Command(
+        "robustdeq.serving.dashboard",
+        "print the Grafana dashboard (serving/grafana/robustdeq-dashboard.json)",
+        "dashboard",
+    ),
+    "metrics-yaml": Command(
+        "robustdeq.serving.metrics", "print the metrics declaration TorchServe reads (serving/metrics.yaml)"
+    ),
+    "fuzz-decoder": Command(
+        "robustdeq.serving.fuzz", "feed seeded hostile payloads to the request decoder and count what it does", "fuzz"
+    ),
+    # measurements
+    "loadtest": Command(
+        "robustdeq.loadtest.cli",
+        "start a server, load it with Locust, report exact latency percentiles and throughput",
+    ),
+    "bench": Command(
+        "robustdeq.bench.cli",
+        "speed of plain inference, ONNX Runtime and the defense over T_f x R (paper 1 Table 10)",
+    ),
+    "gpu-check": Command(
+        "robustdeq.bench.cli",
+        "everything a GPU must confirm (CUDA vs CPU parity, TorchServe on a GPU, Table 9 / 10 speeds)",
+    ),
+}
 
-    return run_bench(args)
+
+def _stem(name: str) -> str:
+    return COMMANDS[name].stem or name.replace("-", "_")
 
 
-def _train(args: argparse.Namespace) -> int:
-    from .training.cli import run_train
-
-    return run_train(args)
-
-
-def _evaluate(args: argparse.Namespace) -> int:
-    from .evaluation.cli import run_evaluate
-
-    return run_evaluate(args)
-
-
-def _merge_shards(args: argparse.Namespace) -> int:
-    from .evaluation.cli import run_merge
-
-    return run_merge(args)
-
-
-def _compare(args: argparse.Namespace) -> int:
-    from .evaluation.cli import run_compare
-
-    return run_compare(args)
-
-
-def _export(args: argparse.Namespace) -> int:
-    import json
-
-    import torch
-
-    from .checkpoint import load_checkpoint
-    from .data import load_cifar10
-    from .export import OnnxPlainSession, export_onnx, parity
-
-    model = load_checkpoint(args.checkpoint).build_model()
-    out = export_onnx(model, args.out, state=args.state)
-    print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KiB): fixed-iteration plain forward of {model.name}, "
-          f"N = {model.n_steps}, outputs logits (z[{model.readout_index() if args.state is None else args.state}]), "
-          "all_logits, residuals")  # fmt: skip
-    if args.parity > 0:
-        test = load_cifar10("test", source=args.data, progress=False)
-        idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[: args.parity]
-        report = parity(model, OnnxPlainSession(out), test.float_images(idx), args.state)
-        print("parity with PyTorch on CIFAR-10 test images: " + json.dumps(report))
-        if report["max_abs_logit_diff"] > args.tolerance or report["labels_agree"] != report["n"]:
-            print(f"robustdeq export: parity check failed (tolerance {args.tolerance})", file=sys.stderr)
-            return 1
-    return 0
-
-
-def _accuracy(args: argparse.Namespace) -> int:
-    import json
-
-    from .evaluation import checkpoint_accuracy
-    from .training.config import parse_number
-
-    result = checkpoint_accuracy(
-        args.checkpoint,
-        split=args.split,
-        n=args.n,
-        pgd_steps=args.pgd_steps,
-        eps=float(parse_number(args.eps)),
-        batch_size=args.batch_size,
-        data=args.data,
-        device=args.device,
-        progress=not args.no_progress,
-    )
-    k = result["state"]
-    pgd = f", PGD-{args.pgd_steps} {100 * result['pgd_acc']:.2f}%" if result["pgd_acc"] is not None else ""
-    where = f"{result['model']} at z[{k}] on {result['n']} {result['split']} images"
-    print(f"{where}: clean {100 * result['clean_acc']:.2f}%{pgd}")
-    if args.out:
-        from pathlib import Path
-
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.out}")
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: Optional[Iterable[str]] = None) -> argparse.ArgumentParser:
+    """The parser of every subcommand, with the options of ``commands`` (default: all of them;
+    :func:`main` imports only the module of the one it runs)."""
     parser = argparse.ArgumentParser(
         prog="robustdeq",
         description="Robust deep equilibrium (DEQ) classifiers: neural dynamics, early-state readout and "
@@ -132,120 +133,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"robustdeq {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    p = sub.add_parser("models", help="list the registered models with parameter counts")
-    p.set_defaults(func=_models)
-
-    p = sub.add_parser(
-        "demo",
-        help="classify CIFAR-10 test images and print the entropy along the dynamics",
-        description="Classify a few CIFAR-10 test images, print the prediction entropy at every "
-        "state z[1..N] with and without the entropy-reduction defense.",
-    )
-    p.add_argument("--model", default="deq-tiny", help="registered model name (see 'robustdeq models')")
-    p.add_argument("--n", type=int, default=8, help="number of test images (default 8)")
-    p.add_argument(
-        "--train-steps",
-        type=int,
-        default=300,
-        help="clean training steps before classifying (0 = random weights; default 300, ~30 s on 2 cores)",
-    )
-    p.add_argument("--T_f", type=int, default=2, help="defense: input update every T_f solver steps (default 2)")
-    p.add_argument("--R", type=int, default=10, help="defense: entropy-descent steps per update (default 10)")
-    p.add_argument(
-        "--data",
-        default=None,
-        help="CIFAR-10 source: JPEG archive, cifar-10-batches-py folder, or "
-        "'torchvision' (default: ../shared/data archive if present)",
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--plot",
-        default=None,
-        metavar="PNG",
-        help="draw the dynamics of --checkpoint on PGD-10 inputs with and without the defense into PNG "
-        "(the README's picture: robustdeq demo --checkpoint "
-        "training/shipped/deq-small-nfgsm-rs-long/model.pt --n 256 --plot docs/img/dynamics.png)",
-    )
-    p.add_argument("--checkpoint", default=None, help="with --plot: a model.pt written by 'robustdeq train'")
-    p.set_defaults(func=_demo)
-
-    from .bench.cli import add_bench_parser, add_gpu_check_parser
-
-    add_bench_parser(sub, _bench)
-    add_gpu_check_parser(sub, _gpu_check)
-    p = sub.add_parser(
-        "accuracy",
-        help="clean and ready-made PGD-10 accuracy of a checkpoint (quick, non-adaptive)",
-        description="Clean and ready-made PGD accuracy of a checkpoint at its chosen early state and at z[N], on "
-        "the CIFAR-10 test split or on the checkpoint's own validation split. Non-adaptive: the attack follows the "
-        "phantom gradient of the final state. Use 'robustdeq evaluate' for adaptive attacks.",
-    )
-    p.add_argument("--checkpoint", required=True, help="a model.pt written by 'robustdeq train'")
-    p.add_argument("--split", choices=("test", "val"), default="test")
-    p.add_argument("--n", type=int, default=None, help="images (default: the whole split)")
-    p.add_argument("--pgd-steps", type=int, default=10, help="PGD steps (0 = clean only; default 10)")
-    p.add_argument("--eps", default="8/255", help="l_inf radius (default 8/255)")
-    p.add_argument("--batch-size", type=int, default=250)
-    p.add_argument("--data", default=None, help="CIFAR-10 source (default: ../shared/data archive)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--out", default=None, help="write the result as JSON here")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_accuracy)
-
-    p = sub.add_parser(
-        "export",
-        help="export the plain forward of a checkpoint to ONNX and check parity",
-        description="Export the fixed-iteration plain forward (injection, N solver steps, the head at every "
-        "state; outputs: logits at the early state, all_logits, residuals) to ONNX with a dynamic batch axis, then "
-        "compare ONNX Runtime with PyTorch on real CIFAR-10 test images. The defense cannot be exported (it takes "
-        "input gradients inside inference), nor can LyaDEQ (its head uses autograd).",
-    )
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--format", choices=("onnx",), default="onnx")
-    p.add_argument("--out", required=True, help="the .onnx file to write")
-    p.add_argument("--state", type=int, default=None, help="readout state of 'logits' (default: the checkpoint's)")
-    p.add_argument("--parity", type=int, default=256, help="test images for the parity check (0 = skip)")
-    p.add_argument(
-        "--tolerance",
-        type=float,
-        default=1e-3,
-        help="max |logit difference| over every state allowed (default 1e-3: float32 rounding grows along the "
-        "Broyden iterates, to 7.2e-4 at deq-small's z[8]); every label must agree in any case",
-    )
-    p.add_argument("--data", default=None, help="CIFAR-10 source (default: ../shared/data archive)")
-    p.set_defaults(func=_export)
-
-    from .evaluation.cli import (
-        add_card_parser,
-        add_combine_parser,
-        add_compare_parser,
-        add_coverage_parser,
-        add_evaluate_parser,
-        add_merge_parser,
-    )
-    from .training.cli import add_train_parser
-
-    add_train_parser(sub, _train)
-    add_evaluate_parser(sub, _evaluate)
-    add_merge_parser(sub, _merge_shards)
-    add_compare_parser(sub, _compare)
-    add_card_parser(sub)
-    add_combine_parser(sub)
-    add_coverage_parser(sub)
-
-    from .serving.cli import add_serving_parsers
-
-    add_serving_parsers(sub)
-
-    from .loadtest.cli import add_loadtest_parser
-
-    add_loadtest_parser(sub)
+    wanted = set(COMMANDS) if commands is None else set(commands)
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help)
+        if name in wanted:
+            module = import_module(command.module)
+            getattr(module, f"add_{_stem(name)}_arguments")(p)
+            p.set_defaults(func=getattr(module, f"run_{_stem(name)}"))
     return parser
 
 
+def _command_in(argv: List[str]) -> List[str]:
+    """The subcommand ``argv`` runs: its first word that is not an option (the top-level options take no value)."""
+    return [word for word in argv if not word.startswith("-")][:1]
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command_in(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -25,6 +25,39 @@ def _row(values) -> str:
     return " ".join(f"{v:5.2f}" for v in values)
 
 
+def add_demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Classify a few CIFAR-10 test images, print the prediction entropy at every "
+        "state z[1..N] with and without the entropy-reduction defense."
+    )
+    p.add_argument("--model", default="deq-tiny", help="registered model name (see 'robustdeq models')")
+    p.add_argument("--n", type=int, default=8, help="number of test images (default 8)")
+    p.add_argument(
+        "--train-steps",
+        type=int,
+        default=300,
+        help="clean training steps before classifying (0 = random weights; default 300, ~30 s on 2 cores)",
+    )
+    p.add_argument("--T_f", type=int, default=2, help="defense: input update every T_f solver steps (default 2)")
+    p.add_argument("--R", type=int, default=10, help="defense: entropy-descent steps per update (default 10)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="CIFAR-10 source: JPEG archive, cifar-10-batches-py folder, or "
+        "'torchvision' (default: ../shared/data archive if present)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--plot",
+        default=None,
+        metavar="PNG",
+        help="draw the dynamics of --checkpoint on PGD-10 inputs with and without the defense into PNG "
+        "(the README's picture: robustdeq demo --checkpoint "
+        "training/shipped/deq-small-nfgsm-rs-long/model.pt --n 256 --plot docs/img/dynamics.png)",
+    )
+    p.add_argument("--checkpoint", default=None, help="with --plot: a model.pt written by 'robustdeq train'")
+
+
 def run_demo(args: argparse.Namespace) -> int:
     if args.plot:
         return plot_dynamics(args)

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,6 +25,76 @@ def test_help_explains_the_subcommands():
         assert word in out.stdout
     demo = run_cli("demo", "--help")
     assert "--train-steps" in demo.stdout and "T_f" in demo.stdout
+
+
+#: the subcommands of the first release: each must stay (a renamed one keeps its old spelling for a release)
+FIRST_RELEASE = (
+    "models demo bench gpu-check accuracy export train evaluate merge-shards compare card combine-cards "
+    "attack-coverage archive serve health kserve-layout stop predict loadtest"
+).split()
+
+
+def test_every_subcommand_is_listed_and_answers_help(capsys):
+    from robustdeq.cli import COMMANDS, main
+
+    assert set(FIRST_RELEASE) <= set(COMMANDS)
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    listed = capsys.readouterr().out
+    assert done.value.code == 0
+    for name in COMMANDS:
+        assert re.search(rf"^    {re.escape(name)}(  |\n)", listed, re.M), f"{name} is not listed"
+        with pytest.raises(SystemExit) as done:
+            main([name, "--help"])
+        assert done.value.code == 0, name
+        assert capsys.readouterr().out.startswith(f"usage: robustdeq {name} "), name
+
+
+def test_every_python_m_tool_is_a_subcommand():
+    """A module that runs under ``python -m`` is a tool; each is reachable as ``robustdeq NAME`` too."""
+    from robustdeq.cli import COMMANDS
+
+    tools = {
+        ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        for path in (ROOT / "robustdeq").rglob("*.py")
+        if 'if __name__ == "__main__"' in path.read_text() and path.name not in ("cli.py", "__main__.py")
+    }
+    reachable = {c.module for c in COMMANDS.values()}
+    assert len(tools) >= 9 and tools <= reachable, tools - reachable
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["robustdeq.training.profile", "robustdeq.training.speed", "robustdeq.training.budget",
+     "robustdeq.training.long_runs", "robustdeq.evaluation.results_page", "robustdeq.serving.fuzz",
+     "robustdeq.serving.health"],
+)  # fmt: skip
+def test_python_m_entry_points_keep_working_for_scripts(module, capsys):
+    from importlib import import_module
+
+    with pytest.raises(SystemExit) as done:
+        import_module(module).main(["--help"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith(f"usage: python -m {module} ")
+
+
+def test_the_generators_of_committed_files_print_them():
+    assert run_cli("metrics-yaml").stdout == (ROOT / "serving" / "metrics.yaml").read_text()
+    dashboard = ROOT / "serving" / "grafana" / "robustdeq-dashboard.json"
+    assert run_cli("grafana-dashboard").stdout == dashboard.read_text()
+
+
+def test_help_imports_no_tool_and_no_torch():
+    code = (
+        "import contextlib, io, sys\n"
+        "from robustdeq.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "    main(['--help'])\n"
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('robustdeq')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['robustdeq', 'robustdeq.cli']"
 
 
 def test_console_script_is_installed():

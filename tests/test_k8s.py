@@ -37,9 +37,10 @@ from robustdeq.serving.kserve import (
     PVC_NAME,
     PVC_SUBPATH,
     SNAPSHOT_KEYS,
-    add_kserve_parser,
+    add_kserve_layout_arguments,
     build_layout,
     render_kserve_config,
+    run_kserve_layout,
 )
 from robustdeq.serving.metrics import FRONTEND_METRICS, METRICS
 from robustdeq.serving.runfolder import parse_properties
@@ -338,9 +339,9 @@ def test_the_layout_builder_writes_config_metrics_and_archives(tmp_path, capsys)
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"old")
     parser = argparse.ArgumentParser()
-    add_kserve_parser(parser.add_subparsers())
-    args = parser.parse_args(["kserve-layout", "--out", str(tmp_path / "out")])
-    assert args.func(args) == 0
+    add_kserve_layout_arguments(parser)
+    args = parser.parse_args(["--out", str(tmp_path / "out")])
+    assert run_kserve_layout(args) == 0
     out = tmp_path / "out"
     assert (out / "config" / "config.properties").read_text() == COMMITTED_CONFIG.read_text()
     assert (out / "config" / "metrics.yaml").read_bytes() == DEFAULT_METRICS.read_bytes()
@@ -363,9 +364,9 @@ def test_the_layout_builder_writes_config_metrics_and_archives(tmp_path, capsys)
 
 def test_the_layout_command_names_a_missing_archive(tmp_path, capsys):
     parser = argparse.ArgumentParser()
-    add_kserve_parser(parser.add_subparsers())
-    args = parser.parse_args(["kserve-layout", "--out", str(tmp_path / "out"), "--store", str(tmp_path)])
-    assert args.func(args) == 1
+    add_kserve_layout_arguments(parser)
+    args = parser.parse_args(["--out", str(tmp_path / "out"), "--store", str(tmp_path)])
+    assert run_kserve_layout(args) == 1
     assert "deq-small.mar is not in" in capsys.readouterr().err
 
 

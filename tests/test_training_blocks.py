@@ -69,3 +69,13 @@ def test_augment_crops_and_flips():
     no_pad = augment(x, torch.Generator().manual_seed(0), padding=0)
     for i in range(2):
         assert torch.equal(no_pad[i], x[i]) or torch.equal(no_pad[i], x[i].flip(-1))
+
+
+def test_the_old_module_paths_still_import_for_one_release():
+    from robustdeq import dynamics
+    from robustdeq.training import blocks, clean_training, loss_terms, quick
+
+    assert blocks.jacobian_regularizer is loss_terms.jacobian_regularizer
+    assert blocks.draw_intermediate_step is loss_terms.draw_intermediate_step
+    assert blocks.phantom_forward is dynamics.phantom_forward
+    assert quick.train_clean is clean_training.train_clean

@@ -1,8 +1,13 @@
-"""The ``robustdeq bench`` subcommand's options."""
+"""``robustdeq bench`` and ``robustdeq gpu-check``: their options and their runs."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from .run import run_bench
+
+__all__ = ["add_bench_arguments", "run_bench", "add_gpu_check_arguments", "run_gpu_check"]
 
 DESCRIPTION = """\
 In-process speed benchmark (one process, medians over repeats):
@@ -21,13 +26,9 @@ Prints a Markdown report and PASS / FAIL lines for the speed targets; with --out
 writes the JSON, the Markdown and two PNG plots beside it."""
 
 
-def add_bench_parser(sub, func) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "bench",
-        help="speed of plain inference, ONNX Runtime and the defense over T_f x R (paper 1 Table 10)",
-        description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = DESCRIPTION
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     what = p.add_mutually_exclusive_group()
     what.add_argument(
         "--checkpoint",
@@ -98,8 +99,6 @@ def add_bench_parser(sub, func) -> argparse.ArgumentParser:
     p.add_argument(
         "--data", default=None, help="CIFAR-10 source (default: ../shared/data archive; random noise, said so, if none)"
     )
-    p.set_defaults(func=func)
-    return p
 
 
 GPU_CHECK_EPILOG = """\
@@ -114,18 +113,21 @@ on the CPU, deq-tiny throughput and defense cost, ONNX Runtime's CPU provider). 
 a section that ran failed. On a GPU machine: make gpu-check (about 3 minutes on one GPU)."""
 
 
-def add_gpu_check_parser(sub, func) -> argparse.ArgumentParser:
+def add_gpu_check_arguments(p: argparse.ArgumentParser) -> None:
     from .gpu_check import SECTIONS
 
-    p = sub.add_parser(
-        "gpu-check",
-        help="everything a GPU must confirm (CUDA vs CPU parity, TorchServe on a GPU, Table 9 / 10 speeds)",
-        description="Run the prepared GPU checks and write gpu-check.json and gpu-check.md.",
-        epilog=GPU_CHECK_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p.description = "Run the prepared GPU checks and write gpu-check.json and gpu-check.md."
+    p.epilog = GPU_CHECK_EPILOG
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--out", default="runs/gpu-check", help="output folder (default: %(default)s)")
     p.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=None, help="run only these sections")
     p.add_argument("--quick", action="store_true", help="fewer repeats (for tests and a first look)")
-    p.set_defaults(func=func)
-    return p
+
+
+def run_gpu_check(args: argparse.Namespace) -> int:
+    """Run the sections, print the Markdown report; exit 1 when a section that ran failed."""
+    from . import gpu_check
+
+    report = gpu_check.run_gpu_check(Path(args.out), args.sections, quick=args.quick)
+    print((Path(args.out) / "gpu-check.md").read_text())
+    return 0 if report["verdict"] == "pass" else 1

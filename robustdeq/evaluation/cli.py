@@ -1,4 +1,5 @@
-"""Command-line front ends: ``robustdeq evaluate``, ``robustdeq compare`` and ``robustdeq card``."""
+"""Command-line front ends: ``robustdeq accuracy``, ``evaluate``, ``merge-shards``, ``compare``, ``card``,
+``combine-cards`` and ``attack-coverage``."""
 
 from __future__ import annotations
 
@@ -39,16 +40,58 @@ checks); rerun 'evaluate' with those families on the merged folder to add them.
 """
 
 
-def add_evaluate_parser(sub, func) -> None:
-    p = sub.add_parser(
-        "evaluate",
-        help="honest robustness evaluation: intermediate-state, AutoAttack and adaptive attacks",
-        description="Evaluate a checkpoint under ready-made, intermediate-state (paper 1 Eq. 11), AutoAttack "
-        "(APGD-CE, APGD-T, Square) and adaptive attacks on the entropy-reduction defense; report per-sample worst "
-        "cases with Wilson intervals, the paper's analyses, and write a robustness card.",
-        epilog=_EVALUATE_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+def add_accuracy_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Clean and ready-made PGD accuracy of a checkpoint at its chosen early state and at z[N], on "
+        "the CIFAR-10 test split or on the checkpoint's own validation split. Non-adaptive: the attack follows the "
+        "phantom gradient of the final state. Use 'robustdeq evaluate' for adaptive attacks."
     )
+    p.add_argument("--checkpoint", required=True, help="a model.pt written by 'robustdeq train'")
+    p.add_argument("--split", choices=("test", "val"), default="test")
+    p.add_argument("--n", type=int, default=None, help="images (default: the whole split)")
+    p.add_argument("--pgd-steps", type=int, default=10, help="PGD steps (0 = clean only; default 10)")
+    p.add_argument("--eps", default="8/255", help="l_inf radius (default 8/255)")
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--data", default=None, help="CIFAR-10 source (default: ../shared/data archive)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default=None, help="write the result as JSON here")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run_accuracy(args: argparse.Namespace) -> int:
+    from ..training.config import parse_number
+    from . import checkpoint_accuracy
+
+    result = checkpoint_accuracy(
+        args.checkpoint,
+        split=args.split,
+        n=args.n,
+        pgd_steps=args.pgd_steps,
+        eps=float(parse_number(args.eps)),
+        batch_size=args.batch_size,
+        data=args.data,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    k = result["state"]
+    pgd = f", PGD-{args.pgd_steps} {100 * result['pgd_acc']:.2f}%" if result["pgd_acc"] is not None else ""
+    where = f"{result['model']} at z[{k}] on {result['n']} {result['split']} images"
+    print(f"{where}: clean {100 * result['clean_acc']:.2f}%{pgd}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Evaluate a checkpoint under ready-made, intermediate-state (paper 1 Eq. 11), AutoAttack "
+        "(APGD-CE, APGD-T, Square) and adaptive attacks on the entropy-reduction defense; report per-sample worst "
+        "cases with Wilson intervals, the paper's analyses, and write a robustness card."
+    )
+    p.epilog = _EVALUATE_EPILOG
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--checkpoint", required=True, help="a model.pt written by 'robustdeq train'")
     p.add_argument("--out", required=True, help="output folder (resumes if it holds the same evaluation)")
     p.add_argument("--n", type=int, default=1000, help="test images, a fixed seeded subset (default 1000)")
@@ -111,7 +154,6 @@ def add_evaluate_parser(sub, func) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--restart", action="store_true", help="discard a previous evaluation in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (each finished job still logs a line)")
-    p.set_defaults(func=func)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -175,20 +217,17 @@ def _print_summary(results: dict, paths: dict) -> None:
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
 
 
-def add_merge_parser(sub, func) -> None:
-    p = sub.add_parser(
-        "merge-shards",
-        help="merge the folders of 'robustdeq evaluate --shard i/k' into one evaluation",
-        description="Merge complete shard folders of one evaluation (same checkpoint, subset and settings, shards "
+def add_merge_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Merge complete shard folders of one evaluation (same checkpoint, subset and settings, shards "
         "0..k-1) into --out and write its results, report and robustness card. The merge equals a single-process "
-        "run image for image; --out is an ordinary evaluation folder afterwards.",
+        "run image for image; --out is an ordinary evaluation folder afterwards."
     )
     p.add_argument("shards", nargs="+", help="the shard folders (any order)")
     p.add_argument("--out", required=True, help="folder for the merged evaluation")
     p.add_argument("--checkpoint", default=None, help="the checkpoint, if it moved since the shards ran")
     p.add_argument("--data", default=None, help="CIFAR-10 source, if the shards used another")
     p.add_argument("--device", default=None)
-    p.set_defaults(func=func)
 
 
 def run_merge(args: argparse.Namespace) -> int:
@@ -209,16 +248,13 @@ def run_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_compare_parser(sub, func) -> None:
-    p = sub.add_parser(
-        "compare",
-        help="paired McNemar tests between two evaluations (or the settings of one)",
-        description="Compare the per-sample results of two 'robustdeq evaluate' runs on the same test subset with "
-        "exact McNemar tests; with one file, compare each defense setting with the undefended model.",
+def add_compare_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Compare the per-sample results of two 'robustdeq evaluate' runs on the same test subset with "
+        "exact McNemar tests; with one file, compare each defense setting with the undefended model."
     )
     p.add_argument("results", nargs="+", help="one or two results.json files (or evaluation folders)")
     p.add_argument("--metric", nargs="+", default=None, help="metrics to compare (default: all shared)")
-    p.set_defaults(func=func)
 
 
 def run_compare(args: argparse.Namespace) -> int:
@@ -237,14 +273,12 @@ def run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_card_parser(sub) -> None:
-    p = sub.add_parser(
-        "card",
-        help="print a robustness card as a table: robust accuracy vs cost per T_f/R setting",
-        description="Print the robustness card that 'robustdeq evaluate' wrote and that an archive ships: for each "
+def add_card_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Print the robustness card that 'robustdeq evaluate' wrote and that an archive ships: for each "
         "test-time setting its clean and robust accuracy (95%% Wilson interval), whether the robust figure comes "
         "from adaptive attacks or from attacks transferred from the undefended model, and its cost relative to "
-        "plain inference, sorted by cost. Use it to choose T_f and R.",
+        "plain inference, sorted by cost. Use it to choose T_f and R."
     )
     p.add_argument(
         "card",
@@ -252,7 +286,6 @@ def add_card_parser(sub) -> None:
         "(the card beside it) or a .mar archive",
     )
     p.add_argument("--json", action="store_true", help="print the card itself")
-    p.set_defaults(func=run_card)
 
 
 def read_card(path: Path) -> dict:
@@ -301,20 +334,17 @@ def format_card(card: dict) -> str:
     return "\n".join(lines)
 
 
-def add_combine_parser(sub) -> None:
-    p = sub.add_parser(
-        "combine-cards",
-        help="one robustness card from an undefended evaluation and a defended one of its first images",
-        description="The adaptive attacks on the defense cost minutes per image on a CPU, so the defense is often "
+def add_combine_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "The adaptive attacks on the defense cost minutes per image on a CPU, so the defense is often "
         "evaluated on fewer images: run 'robustdeq evaluate --n 1000 --defense none' and 'robustdeq evaluate --n "
         "200' (same --seed and --split: the 200 are the first 200 of the 1000), then combine them. The card keeps "
         "the undefended row at n = 1000 and the defense rows at n = 200, each with its own interval; the command "
-        "checks that the smaller run's images are the larger run's first.",
+        "checks that the smaller run's images are the larger run's first."
     )
     p.add_argument("main", help="the undefended evaluation (folder or results.json)")
     p.add_argument("defended", help="the evaluation with the defense settings, on the first images")
     p.add_argument("--out", required=True, help="where to write the combined robustness_card.json")
-    p.set_defaults(func=run_combine)
 
 
 def run_combine(args: argparse.Namespace) -> int:
@@ -337,17 +367,14 @@ def run_card(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_coverage_parser(sub) -> None:
-    p = sub.add_parser(
-        "attack-coverage",
-        help="which attacks set an evaluation's worst case (unique breaks, greedy cover, attack time)",
-        description="Read a finished evaluation and report, for every attack on the undefended model, the "
+def add_coverage_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Read a finished evaluation and report, for every attack on the undefended model, the "
         "clean-correct images it breaks, those that only it breaks, and a greedy cover with the accuracy and "
         "attack time so far: the attacks that a larger run (for example the full test set) needs to reproduce "
-        "this worst case, and what leaving the others out would have cost on these images.",
+        "this worst case, and what leaving the others out would have cost on these images."
     )
     p.add_argument("evaluation", help="an evaluation folder ('robustdeq evaluate --out') or its results.json")
-    p.set_defaults(func=run_coverage)
 
 
 def run_coverage(args: argparse.Namespace) -> int:

@@ -727,15 +727,21 @@ def write_page(root: Path = PROJECT_ROOT) -> List[Path]:
     return written
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m robustdeq.evaluation.results_page",
-        description="Regenerate docs/results.md and docs/robustbench/*.json from the committed evaluations.",
-    )
-    parser.parse_args(argv)
+def add_results_page_arguments(parser: argparse.ArgumentParser) -> None:
+    """``robustdeq results-page`` (also ``python -m robustdeq.evaluation.results_page``): no options."""
+    parser.description = "Regenerate docs/results.md and docs/robustbench/*.json from the committed evaluations."
+
+
+def run_results_page(args: argparse.Namespace) -> int:
     for path in write_page():
         print(f"wrote {path.relative_to(PROJECT_ROOT)}")
     return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m robustdeq.evaluation.results_page")
+    add_results_page_arguments(parser)
+    return run_results_page(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

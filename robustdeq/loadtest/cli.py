@@ -5,28 +5,22 @@ from __future__ import annotations
 import argparse
 
 from ..serving.runfolder import DEFAULT_MODELS
-from .runner import SCENARIOS
+from .runner import SCENARIOS, run_loadtest
 from .traffic import DEFAULT_DEFENDED_SETTINGS
 
-
-def _run(args: argparse.Namespace) -> int:
-    from .runner import run_loadtest
-
-    return run_loadtest(args)
+__all__ = ["add_loadtest_arguments", "run_loadtest"]
 
 
-def add_loadtest_parser(sub) -> None:
-    p = sub.add_parser(
-        "loadtest",
-        help="start a server, load it with Locust, report exact latency percentiles and throughput",
-        description="Start TorchServe with the model's archives on free loopback ports, run Locust headless "
+def add_loadtest_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Start TorchServe with the model's archives on free loopback ports, run Locust headless "
         "(loadtest/locustfile.py) with real CIFAR-10 test images whose answers are checked against the library, "
         "and write Locust's CSV/HTML reports, every request's latency, results.json, report.md (exact "
         "nearest-rank p50/p95/p99, throughput and failures per request type, the targets) and plots. "
         "'full' runs saturation, defended, isolation and soak (about 12 minutes); 'batching' compares "
-        "plain-lane batching configurations.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "plain-lane batching configurations."
     )
+    p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     p.add_argument("--scenario", choices=SCENARIOS, default="full", help="what to run")
     p.add_argument(
         "--model", default=DEFAULT_MODELS[0], help="the model's endpoint name: MODEL.mar and MODEL-defended.mar"
@@ -57,4 +51,3 @@ def add_loadtest_parser(sub) -> None:
                    default=["1,0,30,1", "4,5,30,1", "8,5,30,1", "16,5,30,1", "32,5,30,1", "16,5,30,2"],
                    help="batching scenario: plain-lane BATCH,DELAY_MS,TIMEOUT_S[,WORKERS] configurations")  # fmt: skip
     p.add_argument("--payloads", type=int, default=64, help="distinct test images sent")
-    p.set_defaults(func=_run)

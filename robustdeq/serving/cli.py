@@ -1,4 +1,4 @@
-"""``robustdeq archive | serve | stop | predict``."""
+"""``robustdeq archive | serve | stop | predict``: ``add_<command>_arguments`` and ``run_<command>``."""
 
 from __future__ import annotations
 
@@ -8,21 +8,17 @@ import sys
 from pathlib import Path
 
 from .archive import DEFAULT_HANDLER, DEFAULT_STORE, LANE_DEFAULTS, LANES
-from .health import add_health_arguments, run_health
-from .kserve import add_kserve_parser
 from .options import DEFENSE_MODES
 from .runfolder import DEFAULT_RUN_DIR
 from .server import DEFAULT_MODELS, LOOPBACK, Ports
 
 
-def add_serving_parsers(sub) -> None:
-    p = sub.add_parser(
-        "archive",
-        help="build TorchServe archives (.mar) from a checkpoint",
-        description="Wrap a checkpoint into two TorchServe archives, NAME.mar (plain lane: defense off, large "
+def add_archive_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Wrap a checkpoint into two TorchServe archives, NAME.mar (plain lane: defense off, large "
         "batches) and NAME-defended.mar (defended lane: Algorithm 1 on or gated, small batches, long timeout). "
         "Each holds the checkpoint, the handler, model-config.yaml, the robustness card and the label names. "
-        "The same inputs always give the same bytes.",
+        "The same inputs always give the same bytes."
     )
     p.add_argument("--checkpoint", help="a model.pt written by 'robustdeq train'")
     p.add_argument("--name", help="model name for the endpoints (/predictions/NAME)")
@@ -59,14 +55,13 @@ def add_serving_parsers(sub) -> None:
         help="handler default or bound, e.g. --set R=5 --set max_R=20 (see docs: T_f, R, beta, eps, top_k, max_R, "
         "max_eps, max_beta, max_image_side, max_image_pixels, torch_threads, cpu_nice)",
     )
-    p.set_defaults(func=_archive)
 
-    p = sub.add_parser(
-        "serve",
-        help="start TorchServe on 127.0.0.1 with the shipped archives",
-        description="Start TorchServe with the hardened serving/config.properties (loopback only, token auth on, "
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Start TorchServe with the hardened serving/config.properties (loopback only, token auth on, "
         "model registration API off), load each model's plain and -defended archives, wait until every worker "
-        "is ready, and print the endpoints, where the token is, and a curl to paste. 'robustdeq stop' stops it.",
+        "is ready, and print the endpoints, where the token is, and a curl to paste. 'robustdeq stop' stops it."
     )
     p.add_argument("--models", default=",".join(DEFAULT_MODELS), help="models to load (default: %(default)s)")
     p.add_argument("--store", default=str(DEFAULT_STORE), help="model store (default: model_store/)")
@@ -106,30 +101,17 @@ def add_serving_parsers(sub) -> None:
         metavar="N",
         help="TorchServe's number_of_gpu: workers are spread over N GPUs (default: every visible GPU; 0: CPU only)",
     )
-    p.set_defaults(func=_serve)
 
-    p = sub.add_parser(
-        "health",
-        help="exit 0 when the server answers /ping and every model is loaded (the Docker HEALTHCHECK)",
-        description="Read the address and the keys from the run folder (or --ts-config), call /ping and ask the "
-        "management API for a READY worker per model; exit 0 when both hold and 1 otherwise (with the reason). "
-        "'python -m robustdeq.serving.health' is the same check without importing torch.",
-    )
-    add_health_arguments(p)
-    p.set_defaults(func=run_health)
 
-    add_kserve_parser(sub)
-
-    p = sub.add_parser("stop", help="stop the server started by 'robustdeq serve'")
+def add_stop_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", default=str(DEFAULT_RUN_DIR))
-    p.set_defaults(func=_stop)
 
-    p = sub.add_parser(
-        "predict",
-        help="classify image files through a running server",
-        description="Send image files to a running server and print the prediction, the entropy along the "
+
+def add_predict_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Send image files to a running server and print the prediction, the entropy along the "
         "dynamics, what the defense did and what the robustness card says about the setting. The address and "
-        "token come from the run folder (or ROBUSTDEQ_URL / ROBUSTDEQ_TOKEN).",
+        "token come from the run folder (or ROBUSTDEQ_URL / ROBUSTDEQ_TOKEN)."
     )
     p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...; any size)")
     p.add_argument(
@@ -146,10 +128,9 @@ def add_serving_parsers(sub) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--run-dir", default=str(DEFAULT_RUN_DIR))
     p.add_argument("--json", action="store_true", help="print the raw JSON answers")
-    p.set_defaults(func=_predict)
 
 
-def _archive(args: argparse.Namespace) -> int:
+def run_archive(args: argparse.Namespace) -> int:
     from .archive import build_archives, build_shipped, parse_lane_config
 
     defaults = {}
@@ -178,7 +159,7 @@ def _archive(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(args: argparse.Namespace) -> int:
+def run_serve(args: argparse.Namespace) -> int:
     from .server import ServerError, sigterm_as_interrupt, start_server
 
     if args.foreground:
@@ -231,7 +212,7 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stop(args: argparse.Namespace) -> int:
+def run_stop(args: argparse.Namespace) -> int:
     from .server import stop_server
 
     stop_server(Path(args.run_dir))
@@ -248,7 +229,7 @@ def _served_model(run_dir: Path) -> str:
     return plain[0] if plain else DEFAULT_MODELS[0]
 
 
-def _predict(args: argparse.Namespace) -> int:
+def run_predict(args: argparse.Namespace) -> int:
     from .client import Client, summarise
     from .runfolder import ServerError
 

@@ -13,6 +13,7 @@ Neural Dynamics": Eq. 6 is the prediction entropy, Algorithm 1 the test-time ent
 
 from __future__ import annotations
 
+import argparse
 import json
 from string import ascii_uppercase
 from typing import Any, Dict, List, Sequence, Tuple
@@ -346,5 +347,15 @@ def render_dashboard() -> str:
     return json.dumps(build_dashboard(), indent=2) + "\n"
 
 
-if __name__ == "__main__":  # python -m robustdeq.serving.dashboard > serving/grafana/robustdeq-dashboard.json
+def add_dashboard_arguments(parser: argparse.ArgumentParser) -> None:
+    """``robustdeq grafana-dashboard > serving/grafana/robustdeq-dashboard.json``: no options."""
+    parser.description = "Print the Grafana dashboard over the metrics the handler and TorchServe export."
+
+
+def run_dashboard(args: argparse.Namespace) -> int:
     print(render_dashboard(), end="")
+    return 0
+
+
+if __name__ == "__main__":  # python -m robustdeq.serving.dashboard > serving/grafana/robustdeq-dashboard.json
+    raise SystemExit(run_dashboard(None))

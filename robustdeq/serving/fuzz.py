@@ -19,6 +19,7 @@ TorchServe): every payload is either decoded to a finite input of the model's sh
 
 from __future__ import annotations
 
+import argparse
 import base64
 import io
 import json
@@ -298,19 +299,26 @@ def _cifar_seeds(count: int, seed: int) -> List[np.ndarray]:
     return [test.images[int(i)].permute(1, 2, 0).numpy() for i in idx]
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m robustdeq.serving.fuzz", description=__doc__.split("\n\n")[0])
+def add_fuzz_arguments(ap: argparse.ArgumentParser) -> None:
+    """``robustdeq fuzz-decoder`` (also ``python -m robustdeq.serving.fuzz``)."""
+    ap.description = __doc__.split("\n\n")[0]
     ap.add_argument("--n", type=int, default=2000, help="inputs to try (default 2000)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--images", type=int, default=8, help="CIFAR-10 test images to start from")
-    args = ap.parse_args(argv)
+
+
+def run_fuzz(args: argparse.Namespace) -> int:
     report = run_decoder(list(fuzz_cases(_cifar_seeds(args.images, args.seed), args.n, args.seed)))
     print(report.summary())
     for failure in report.failures[:20]:
         print("  FAIL", failure)
     return 1 if report.failures else 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m robustdeq.serving.fuzz")
+    add_fuzz_arguments(ap)
+    return run_fuzz(ap.parse_args(argv))
 
 
 if __name__ == "__main__":  # pragma: no cover

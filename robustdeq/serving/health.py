@@ -81,6 +81,11 @@ def check_health(
 
 
 def add_health_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Read the address and the keys from the run folder (or --ts-config), call /ping and ask the "
+        "management API for a READY worker per model; exit 0 when both hold and 1 otherwise (with the reason). "
+        "Like 'python -m robustdeq.serving.health', it does not import torch."
+    )
     parser.add_argument(
         "--run-dir",
         default=str(DEFAULT_RUN_DIR),
@@ -106,12 +111,12 @@ def run_health(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m robustdeq.serving.health",
-        description="Exit 0 when the server of a run folder answers /ping with Healthy (inference token from "
-        "its key_file.json), else 1 with the reason.",
-    )
+    parser = argparse.ArgumentParser(prog="python -m robustdeq.serving.health")
     add_health_arguments(parser)
+    parser.description = (
+        "Exit 0 when the server of a run folder answers /ping with Healthy (inference token from "
+        "its key_file.json), else 1 with the reason."
+    )
     return run_health(parser.parse_args(argv))
 
 

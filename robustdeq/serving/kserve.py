@@ -92,7 +92,8 @@ __all__ = [
     "render_kserve_config",
     "build_layout",
     "upload_instructions",
-    "add_kserve_parser",
+    "add_kserve_layout_arguments",
+    "run_kserve_layout",
 ]
 
 _HEADER = """\
@@ -243,24 +244,21 @@ def upload_instructions(out: Path) -> str:
     )
 
 
-def add_kserve_parser(sub) -> None:
+def add_kserve_layout_arguments(p: argparse.ArgumentParser) -> None:
     """``robustdeq kserve-layout``."""
-    p = sub.add_parser(
-        "kserve-layout",
-        help="write the model storage (config/ + model-store/) a KServe InferenceService mounts",
-        description="Write the layout KServe's TorchServe runtime expects under the storageUri: "
+    p.description = (
+        "Write the layout KServe's TorchServe runtime expects under the storageUri: "
         "config/config.properties (rendered from serving/config.properties and the archives' batching, with "
         "model_snapshot naming each model's plain and -defended archive), config/metrics.yaml, config/log4j2.xml "
         "(logs to stdout) and model-store/*.mar. Upload the folder to the storage that "
-        "serving/k8s/inferenceservice.yaml names.",
+        "serving/k8s/inferenceservice.yaml names."
     )
     p.add_argument("--out", required=True, help="folder to write (created; earlier .mar files not in it are removed)")
     p.add_argument("--models", default=",".join(DEFAULT_MODELS), help="models to serve (default: %(default)s)")
     p.add_argument("--store", default=str(DEFAULT_STORE), help="where the archives are (default: model_store/)")
-    p.set_defaults(func=_kserve_layout)
 
 
-def _kserve_layout(args: argparse.Namespace) -> int:
+def run_kserve_layout(args: argparse.Namespace) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     try:
         written = build_layout(Path(args.out), models, Path(args.store))

@@ -10,6 +10,7 @@ the observations to ``context.metrics``.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Sequence, Tuple
 
@@ -183,5 +184,15 @@ def render_metrics_yaml() -> str:
     return "\n".join(head + _section("ts_metrics", frontend) + _section("model_metrics", model)) + "\n"
 
 
-if __name__ == "__main__":  # python -m robustdeq.serving.metrics > serving/metrics.yaml
+def add_metrics_yaml_arguments(parser: argparse.ArgumentParser) -> None:
+    """``robustdeq metrics-yaml > serving/metrics.yaml``: no options."""
+    parser.description = "Print serving/metrics.yaml: TorchServe's frontend metrics and the handler's."
+
+
+def run_metrics_yaml(args: argparse.Namespace) -> int:
     print(render_metrics_yaml(), end="")
+    return 0
+
+
+if __name__ == "__main__":  # python -m robustdeq.serving.metrics > serving/metrics.yaml
+    raise SystemExit(run_metrics_yaml(None))

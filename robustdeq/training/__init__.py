@@ -2,10 +2,10 @@
 trainer behind ``robustdeq train``."""
 
 from ..dynamics import PhantomOutput, phantom_forward, unrolled_forward
-from .blocks import draw_intermediate_step, jacobian_regularizer
+from .clean_training import train_clean
 from .config import TrainConfig, load_config
+from .loss_terms import draw_intermediate_step, jacobian_regularizer
 from .objectives import Objective, ObjectiveModule, StepInputs, trades_kl, training_step
-from .quick import train_clean
 
 __all__ = [
     "PhantomOutput",

@@ -21,7 +21,17 @@ from typing import List, Optional
 
 import yaml
 
-__all__ = ["Pilot", "read_pilot", "read_pilots", "markdown_table", "plot_pilots", "update_document", "main"]
+__all__ = [
+    "Pilot",
+    "read_pilot",
+    "read_pilots",
+    "markdown_table",
+    "plot_pilots",
+    "update_document",
+    "add_budget_arguments",
+    "run_budget",
+    "main",
+]
 
 START, END = "<!-- budget-table:start -->", "<!-- budget-table:end -->"
 
@@ -208,15 +218,15 @@ def update_document(doc: Path, table: str, start: str = START, end: str = END) -
     doc.write_text(f"{head}{start}\n{table}{end}{tail}")
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m robustdeq.training.budget",
-        description="Rank the pilots of the training-budget study and write the table and plot.",
-    )
+def add_budget_arguments(ap: argparse.ArgumentParser) -> None:
+    """``robustdeq training-budget`` (also ``python -m robustdeq.training.budget``)."""
+    ap.description = "Rank the pilots of the training-budget study and write the table and plot."
     ap.add_argument("root", type=Path, help="folder of pilot run folders (training/budget)")
     ap.add_argument("--doc", type=Path, default=None, help="Markdown document whose table markers to refresh")
     ap.add_argument("--plot", type=Path, default=Path("docs/img/training-budget.png"))
-    args = ap.parse_args(argv)
+
+
+def run_budget(args: argparse.Namespace) -> int:
     pilots = read_pilots(args.root)
     if not pilots:
         raise SystemExit(f"no finished pilot under {args.root}")
@@ -227,6 +237,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         update_document(args.doc, table)
         print(f"updated {args.doc}")
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m robustdeq.training.budget")
+    add_budget_arguments(ap)
+    return run_budget(ap.parse_args(argv))
 
 
 if __name__ == "__main__":  # pragma: no cover

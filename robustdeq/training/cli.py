@@ -19,17 +19,15 @@ the schedule completes, model.pt with the early state chosen by PGD-10 on the va
 """
 
 
-def add_train_parser(sub, func) -> None:
-    p = sub.add_parser(
-        "train",
-        help="train a DEQ / LyaDEQ with PGD-AT, TRADES and random intermediate states (paper 1 Sec. 3.3)",
-        description="Train a robust DEQ from a YAML recipe (training/configs/). Clean pretraining as a "
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Train a robust DEQ from a YAML recipe (training/configs/). Clean pretraining as a "
         "weight-tied unrolled net, then clean / PGD-AT / TRADES steps with the phantom gradient, optionally on "
         "a random intermediate state n ~ U{1..N}; per-epoch clean and PGD-10 validation on a split carved from "
-        "the training set; the early state is chosen on that split at the end.",
-        epilog=TRAIN_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "the training set; the early state is chosen on that split at the end."
     )
+    p.epilog = TRAIN_EPILOG
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--config", required=True, help="YAML recipe, e.g. training/configs/deq-tiny-trades-rs.yaml")
     p.add_argument(
         "--set",
@@ -55,7 +53,6 @@ def add_train_parser(sub, func) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the config's run.device, auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs still written)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.set_defaults(func=func)
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -21,7 +21,7 @@ from typing import List, Optional, Sequence
 from ..data import PROJECT_ROOT
 from .budget import plot_curves, update_document
 
-__all__ = ["RUNS", "chunk_rows", "markdown_table", "plot_runs", "main"]
+__all__ = ["RUNS", "chunk_rows", "markdown_table", "plot_runs", "add_long_runs_arguments", "run_long_runs", "main"]
 
 START, END = "<!-- long-runs:start -->", "<!-- long-runs:end -->"
 #: the runs of the account, in order (folders under training/shipped/)
@@ -122,15 +122,15 @@ def plot_runs(root: Path, path: Path, runs: Sequence[str] = RUNS) -> Path:
     return plot_curves(series, path, "long runs: validation accuracy per CPU-hour")
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m robustdeq.training.long_runs",
-        description="Chunk-by-chunk account of the long runs in training/shipped/: table and plot.",
-    )
+def add_long_runs_arguments(ap: argparse.ArgumentParser) -> None:
+    """``robustdeq long-runs`` (also ``python -m robustdeq.training.long_runs``)."""
+    ap.description = "Chunk-by-chunk account of the long runs in training/shipped/: table and plot."
     ap.add_argument("--root", type=Path, default=PROJECT_ROOT / "training" / "shipped")
     ap.add_argument("--doc", type=Path, default=None, help="Markdown document whose long-runs markers to refresh")
     ap.add_argument("--plot", type=Path, default=PROJECT_ROOT / "docs" / "img" / "long-runs.png")
-    args = ap.parse_args(argv)
+
+
+def run_long_runs(args: argparse.Namespace) -> int:
     table = markdown_table(args.root)
     print(table)
     print(f"wrote {plot_runs(args.root, args.plot)}")
@@ -138,6 +138,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         update_document(args.doc, table, START, END)
         print(f"updated {args.doc}")
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m robustdeq.training.long_runs")
+    add_long_runs_arguments(ap)
+    return run_long_runs(ap.parse_args(argv))
 
 
 if __name__ == "__main__":  # pragma: no cover

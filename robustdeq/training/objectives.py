@@ -20,8 +20,8 @@ from torch import Tensor, nn
 
 from ..attacks import LossFn, pgd_linf, random_like, single_step_linf
 from ..dynamics import phantom_forward, unrolled_forward
-from .blocks import draw_intermediate_step, jacobian_regularizer
 from .config import AttackSection, ObjectiveSection
+from .loss_terms import draw_intermediate_step, jacobian_regularizer
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..models.base import DEQModel

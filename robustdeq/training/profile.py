@@ -30,10 +30,10 @@ from ..attacks import pgd_linf
 from ..dynamics import CellMap, damped_unroll, phantom_forward
 from ..models import create_model
 from ..solvers import solve
-from .blocks import jacobian_regularizer
+from .loss_terms import jacobian_regularizer
 from .objectives import trades_kl
 
-__all__ = ["profile_step", "format_profile", "main"]
+__all__ = ["profile_step", "format_profile", "add_profile_arguments", "run_profile", "main"]
 
 
 def _median(values: List[float]) -> float:
@@ -164,8 +164,9 @@ def _validation_seconds(model_name: str, n_clean: int, n_robust: int, steps_per_
     return (time.perf_counter() - t0) / steps_per_epoch
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m robustdeq.training.profile", description=__doc__.split("\n\n")[0])
+def add_profile_arguments(ap: argparse.ArgumentParser) -> None:
+    """``robustdeq profile-training`` (also ``python -m robustdeq.training.profile``)."""
+    ap.description = __doc__.split("\n\n")[0]
     ap.add_argument("--model", default="deq-tiny")
     ap.add_argument("--objective", choices=("pgd_at", "trades"), default="trades")
     ap.add_argument("--attack-steps", type=int, default=10)
@@ -176,7 +177,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument(
         "--epoch-size", type=int, default=12000, help="samples per epoch, to spread one validation over its steps"
     )
-    args = ap.parse_args(argv)
+
+
+def run_profile(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     val = _validation_seconds(args.model, 1000, 500, max(1, args.epoch_size // 96))
@@ -191,6 +194,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     print(format_profile(prof))
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m robustdeq.training.profile")
+    add_profile_arguments(ap)
+    return run_profile(ap.parse_args(argv))
 
 
 if __name__ == "__main__":  # pragma: no cover

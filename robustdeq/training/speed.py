@@ -29,7 +29,7 @@ from .config import TrainConfig, load_config
 from .objectives import Objective, ObjectiveModule, training_step
 from .optim import build_optimizer
 
-__all__ = ["LEVERS", "Lever", "time_levers", "format_levers", "main"]
+__all__ = ["LEVERS", "Lever", "time_levers", "format_levers", "add_speed_arguments", "run_speed", "main"]
 
 
 @dataclass(frozen=True)
@@ -169,8 +169,9 @@ def format_levers(result: Dict[str, Dict[str, float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m robustdeq.training.speed", description=__doc__.split("\n\n")[0])
+def add_speed_arguments(ap: argparse.ArgumentParser) -> None:
+    """``robustdeq training-speed`` (also ``python -m robustdeq.training.speed``)."""
+    ap.description = __doc__.split("\n\n")[0]
     ap.add_argument("--config", default="training/configs/deq-small-nfgsm-rs-long.yaml")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--levers", nargs="+", default=list(LEVERS), choices=list(LEVERS), metavar="LEVER",
@@ -179,7 +180,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--steps", type=int, default=4, help="consecutive training steps per variant per round")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
-    args = ap.parse_args(argv)
+
+
+def run_speed(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     names = args.levers if "recipe" in args.levers else ["recipe", *args.levers]
@@ -191,6 +194,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"meta": meta, "levers": result}, indent=2) + "\n")
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m robustdeq.training.speed")
+    add_speed_arguments(ap)
+    return run_speed(ap.parse_args(argv))
 
 
 if __name__ == "__main__":  # pragma: no cover
