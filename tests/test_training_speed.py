@@ -8,8 +8,8 @@ import torch
 
 from robustdeq import create_model
 from robustdeq.training import Objective
-from robustdeq.training.blocks import jacobian_regularizer
 from robustdeq.training.config import AttackSection, ObjectiveSection, load_config
+from robustdeq.training.loss_terms import jacobian_regularizer
 from robustdeq.training.speed import LEVERS, format_levers, time_levers
 
 
