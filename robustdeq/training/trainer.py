@@ -35,8 +35,9 @@ from torch import Tensor
 from .. import __version__
 from ..checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from ..data import augment, batches_per_epoch, epoch_batches, load_cifar10, train_val_split
-from ..evaluation import choose_readout_state, state_accuracies
 from ..models import create_model
+from ..readout import choose_readout_state
+from ..state_accuracy import state_accuracies
 from .config import TrainConfig, config_diff
 from .objectives import Objective, ObjectiveModule, training_step
 from .optim import WeightEMA, build_optimizer, learning_rate
