@@ -31,10 +31,12 @@ demo: setup  ## classify test images in-process, show the dynamics and the defen
 
 test: setup  ## lint and run the test suite
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest
 
-lint: setup  ## ruff only
+lint: setup  ## ruff, and the package's layering (lint-imports, contracts in pyproject.toml)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-cache
 
 format: setup  ## auto-format with ruff
 	$(VENV)/bin/ruff check --fix .

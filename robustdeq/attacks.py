@@ -1,6 +1,7 @@
 """Attacks on DEQs: the l_inf PGD engine shared by training (PGD-AT, TRADES) and
-evaluation, I-FGSM (paper 2, Eq. 13-14), and the intermediate-state surrogate of paper 1
-(Eq. 11) that the evaluation's PGD grid, APGD and the attacks through the defense use."""
+evaluation, the ready-made PGD of paper 1 Sec. 4 (through the phantom gradient of z[N]),
+I-FGSM (paper 2, Eq. 13-14), and the intermediate-state surrogate of paper 1 (Eq. 11) that
+the evaluation's PGD grid, APGD and the attacks through the defense use."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, List, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import solvers as _solvers
-from .dynamics import CellMap, damped_steps
+from .dynamics import CellMap, damped_steps, phantom_forward
 
 if TYPE_CHECKING:  # pragma: no cover
     from .models.base import DEQModel
@@ -21,6 +23,7 @@ LossFn = Callable[[Tensor], Tensor]
 
 __all__ = [
     "pgd_linf",
+    "ready_made_pgd",
     "single_step_linf",
     "project_linf",
     "random_like",
@@ -80,6 +83,24 @@ def pgd_linf(
             (grad,) = torch.autograd.grad(loss.sum(), x_adv)
         x_adv = project_linf(x_adv.detach() + step_size * grad.sign(), x, eps)
     return x_adv.detach()
+
+
+def ready_made_pgd(
+    model: "DEQModel",
+    x: Tensor,
+    y: Tensor,
+    eps: float = 8 / 255,
+    step_size: float = 2 / 255,
+    steps: int = 10,
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """Ready-made PGD (paper 1 Sec. 4): the gradient the model offers, the cross-entropy of
+    the final state z[N] through the phantom gradient (eval mode)."""
+
+    def loss_fn(xa: Tensor) -> Tensor:
+        return F.cross_entropy(phantom_forward(model, xa).logits, y, reduction="none")
+
+    return pgd_linf(loss_fn, x, eps, step_size, steps, generator=generator)
 
 
 def single_step_linf(

@@ -20,17 +20,18 @@ import torch
 from torch import Tensor
 
 from . import solvers as _solvers
+from .card import setting_name
+from .defense_defaults import DEFAULT_BETA, DEFAULT_EPS, DEFAULT_R, DEFAULT_T_F, PAPER_DEFAULTS
 from .dynamics import DEFAULT_READOUT, CellMap, Trajectory, prediction_entropy, run_dynamics
 from .stages import stage
 
 if TYPE_CHECKING:  # pragma: no cover
     from .models.base import DEQModel
 
-PAPER_DEFAULTS = dict(T_f=2, R=10, beta=2 / 255, eps=8 / 255)
 Number = Union[int, float, Tensor]
 
 __all__ = [
-    "PAPER_DEFAULTS",
+    "PAPER_DEFAULTS",  # re-exported from defense_defaults, its one home
     "DefenseSetting",
     "DefenseResult",
     "entropy_reduction",
@@ -131,10 +132,10 @@ def entropy_descent(
 def entropy_reduction(
     model: "DEQModel",
     x: Tensor,
-    T_f: Number = 2,
-    R: Number = 10,
-    beta: Number = 2 / 255,
-    eps: Number = 8 / 255,
+    T_f: Number = DEFAULT_T_F,
+    R: Number = DEFAULT_R,
+    beta: Number = DEFAULT_BETA,
+    eps: Number = DEFAULT_EPS,
     n_steps: Optional[int] = None,
     solver: Optional[_solvers.Solver] = None,
     with_plain: bool = True,
@@ -215,10 +216,10 @@ def gated_entropy_reduction(
     x: Tensor,
     threshold: Number,
     gate_state: int = DEFAULT_READOUT,
-    T_f: Number = 2,
-    R: Number = 10,
-    beta: Number = 2 / 255,
-    eps: Number = 8 / 255,
+    T_f: Number = DEFAULT_T_F,
+    R: Number = DEFAULT_R,
+    beta: Number = DEFAULT_BETA,
+    eps: Number = DEFAULT_EPS,
     n_steps: Optional[int] = None,
     record: bool = False,
     plain: Optional[Trajectory] = None,
@@ -269,10 +270,10 @@ class DefenseSetting:
     """One test-time configuration: plain early-state readout (``R = 0``), Algorithm 1 with
     (T_f, R, beta, eps), or its entropy-gated variant (``threshold`` at ``gate_state``)."""
 
-    T_f: int = 2
-    R: int = 10
-    beta: float = 2 / 255
-    eps: float = 8 / 255
+    T_f: int = DEFAULT_T_F
+    R: int = DEFAULT_R
+    beta: float = DEFAULT_BETA
+    eps: float = DEFAULT_EPS
     gated: bool = False
     threshold: Optional[float] = None
     gate_state: Optional[int] = None  # None: the model's early (readout) state
@@ -283,12 +284,10 @@ class DefenseSetting:
 
     @property
     def name(self) -> str:
-        if self.is_plain:
-            return "none"
-        return f"{'gated' if self.gated else 'defense'}-T{self.T_f}-R{self.R}"
+        return setting_name(self.T_f, self.R, self.gated)
 
     @classmethod
-    def parse(cls, text: str, beta: float = 2 / 255, eps: float = 8 / 255) -> "DefenseSetting":
+    def parse(cls, text: str, beta: float = DEFAULT_BETA, eps: float = DEFAULT_EPS) -> "DefenseSetting":
         """``none``, ``T_f,R`` or ``T_f,R,gated`` (e.g. ``2,10`` or ``2,10,gated``)."""
         text = text.strip().lower()
         if text in ("none", "off", "0"):

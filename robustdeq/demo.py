@@ -104,9 +104,9 @@ def plot_dynamics(args: argparse.Namespace) -> int:
     """The README's picture: a checkpoint's dynamics z[1..N] on ready-made PGD-10 inputs (eps 8/255),
     plain and with Algorithm 1 (paper 1), beside the clean dynamics. Accuracy and entropy (Eq. 6)
     are read at every state of the same solves; one image shows the three inputs."""
+    from .attacks import ready_made_pgd
     from .checkpoint import load_checkpoint
     from .defense import entropy_reduction
-    from .evaluation.ready_made import ready_made_pgd
 
     if not args.checkpoint:
         raise ValueError("--plot needs --checkpoint (e.g. training/shipped/deq-tiny-trades-rs/model.pt)")

@@ -221,6 +221,11 @@ def test_engine_reports_the_card_entry_for_the_setting(engine):
     assert engine.card_entry(options(body={"defense": "off", "state": 8})) is None  # not the evaluated state
     assert engine.card_entry(options(body={"defense": "on", "eps": "4/255"})) is None  # not the evaluated eps
     assert engine.card_entry(options(body={"defense": "on", "R": 7})) is None  # not in the card
+    # the card holds defense-T2-R10 twice: the adaptive row answers, not the transferred one
+    assert entry["robust_kind"].startswith("adaptive") and entry["cost_vs_plain"] == pytest.approx(27.36, abs=0.01)
+    grid_only = engine.card_entry(options(body={"defense": "on", "T_f": 1, "R": 5}))
+    assert grid_only["name"] == "defense-T1-R5" and grid_only["robust_kind"].startswith("non-adaptive")
+    assert engine.card_entry(options(body={"defense": "gated"}))["name"] == "gated-T2-R10"
     described = engine.describe()
     assert described["robustness_card"]["schema"] == "robustdeq.robustness_card/1"
     assert described["gate"]["state"] == 5 and described["limits"]["max_R"] == HARD_MAX_R
@@ -303,12 +308,17 @@ def test_lane_settings_take_each_lane_s_default_workers():
         parse("16,5,30,0")
 
 
-def test_archive_refuses_a_card_of_another_checkpoint(tmp_path):
+def test_archive_refuses_a_card_of_another_checkpoint_or_an_invalid_one(tmp_path):
     other = PROJECT_ROOT / "training" / "shipped" / "deq-tiny-trades" / "robustness_card.json"
     with pytest.raises(ValueError, match="another checkpoint"):
         archive_mod.build_archives(SHIPPED / "model.pt", "x", tmp_path, card=other)
     with pytest.raises(ValueError, match="max_R"):
         archive_mod.build_archives(SHIPPED / "model.pt", "x", tmp_path, defaults={"max_R": 500})
+    invalid = json.loads((SHIPPED / "robustness_card.json").read_text())
+    del invalid["settings"][0]["cost_vs_plain"]
+    (tmp_path / "invalid.json").write_text(json.dumps(invalid))
+    with pytest.raises(ValueError, match="robustness card invalid at settings/0"):
+        archive_mod.build_archives(SHIPPED / "model.pt", "x", tmp_path, card=tmp_path / "invalid.json")
     assert not list(tmp_path.glob("*.mar"))
 
 

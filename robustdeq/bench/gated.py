@@ -14,9 +14,9 @@ from typing import Any, Dict, Optional
 import torch
 from torch import Tensor
 
+from ..attacks import ready_made_pgd
+from ..card import ADAPTIVE, find_setting, gate_from_card, gate_setting
 from ..defense import DefenseSetting
-from ..evaluation.ready_made import ready_made_pgd
-from ..serving.engine import gate_from_card
 from ..stats import wilson_interval
 from .inference import defended_forward, plain_forward
 from .timing import interleaved_medians
@@ -28,21 +28,12 @@ POOL_CHUNK = 64
 __all__ = ["PGD", "card_gate", "card_robust_comparison", "pgd_inputs", "measure_gated"]
 
 
-def _card_row(card: Dict[str, Any], T_f: int, R: int, gated: bool, adaptive: bool) -> Optional[Dict[str, Any]]:
-    for row in card.get("settings", []):
-        kind = str(row.get("robust_kind") or "")
-        if row.get("T_f") == T_f and row.get("R") == R and bool(row.get("gated")) == gated:
-            if not adaptive or kind.startswith("adaptive"):
-                return row
-    return None
-
-
 def card_gate(card: Optional[Dict[str, Any]]) -> Optional[DefenseSetting]:
-    """The card's evaluated gated setting (threshold and gate state from ``gate_from_card``)."""
+    """The card's evaluated gated setting (threshold and gate state from ``card.gate_from_card``)."""
     gate = gate_from_card(card)
     if gate is None:
         return None
-    row = next(s for s in card["settings"] if s.get("gated") and s.get("threshold") is not None)
+    row = gate_setting(card)
     return DefenseSetting(T_f=int(row["T_f"]), R=int(row["R"]), gated=True, threshold=gate["threshold"],
                           gate_state=gate["state"])  # fmt: skip
 
@@ -50,8 +41,8 @@ def card_gate(card: Optional[Dict[str, Any]]) -> Optional[DefenseSetting]:
 def card_robust_comparison(card: Dict[str, Any], gated: DefenseSetting) -> Optional[Dict[str, Any]]:
     """The card's adaptive robust accuracy of the gated setting and of the ungated one with the
     same (T_f, R); the card also lists non-adaptive (transferred) rows, which are skipped."""
-    g = _card_row(card, gated.T_f, gated.R, gated=True, adaptive=True)
-    u = _card_row(card, gated.T_f, gated.R, gated=False, adaptive=True)
+    g = find_setting(card, gated.T_f, gated.R, gated=True, kind=ADAPTIVE)
+    u = find_setting(card, gated.T_f, gated.R, gated=False, kind=ADAPTIVE)
     if g is None or u is None:
         return None
 
@@ -116,7 +107,7 @@ def measure_gated(
         return {"skipped": f"{why}, hence no evaluated gate"}
     x_adv = _attack_pool(model, pool, progress)
     linf = (x_adv - pool).flatten(1).abs().amax(1)
-    card_row = _card_row(card, gated.T_f, gated.R, gated=True, adaptive=False) or {}
+    card_row = find_setting(card, gated.T_f, gated.R, gated=True) or {}
     return {
         "setting": gated.to_dict(),
         "batch_size": batch_size,

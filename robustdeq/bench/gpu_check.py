@@ -133,11 +133,12 @@ def parity64(quick: bool) -> Dict[str, Any]:
 
 # ---- 2. float32 served answers -----------------------------------------------------------------
 def _engine(device: str):
+    from ..card import load_card
     from ..checkpoint import load_checkpoint
     from ..serving.engine import InferenceEngine
     from ..serving.options import Limits
 
-    card = json.loads((SHIPPED / "robustness_card.json").read_text())
+    card = load_card(SHIPPED)
     return InferenceEngine(
         load_checkpoint(SHIPPED / "model.pt"), card, Limits(lane="defended", default_defense="on"), device
     )

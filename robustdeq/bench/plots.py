@@ -6,6 +6,8 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from ..card import TRANSFER, setting_kind
+
 __all__ = ["write_plots"]
 
 
@@ -58,7 +60,7 @@ def robustness_cost_plot(settings: List[Dict[str, Any]], model: str, path: Path)
         if not robust or cost is None:
             continue
         acc, (lo, hi) = 100 * robust["acc"], [100 * v for v in robust.get("ci95") or (robust["acc"],) * 2]
-        transferred = str(s.get("robust_kind") or "").startswith("non-adaptive")
+        transferred = setting_kind(s) == TRANSFER
         style = dict(styles[transferred])
         if transferred in labelled:
             style.pop("label")

@@ -3,7 +3,6 @@ random-init registered model), and a pool of real CIFAR-10 test images to batch 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -11,7 +10,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-CARD_NAME = "robustness_card.json"
+from ..card import card_for_checkpoint, load_card
 
 __all__ = ["Subject", "default_checkpoint", "load_subject", "cifar_test_images"]
 
@@ -56,12 +55,10 @@ def cifar_test_images(n: int, source: Optional[str], seed: int = 0) -> Tuple[Ten
 
 
 def _load_card(checkpoint: Path, card: Optional[str]) -> Tuple[Optional[Dict[str, Any]], str]:
-    path = Path(card) if card else checkpoint.parent / CARD_NAME
-    if not path.is_file():
-        if card:
-            raise FileNotFoundError(f"robustness card {path} does not exist")
+    path = card_for_checkpoint(checkpoint, card)
+    if path is None:
         return None, f"no robustness card beside {checkpoint}"
-    return json.loads(path.read_text()), str(path)
+    return load_card(path), str(path)
 
 
 def load_subject(

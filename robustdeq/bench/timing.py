@@ -20,7 +20,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import Tensor
 
-from ..defense import PAPER_DEFAULTS, entropy_descent, per_sample
+from ..defense import entropy_descent, per_sample
+from ..defense_defaults import DEFAULT_BETA, DEFAULT_EPS
 from ..stages import STAGES, timing_stages
 
 #: a timed sample repeats a fast call until it lasts this long (timer resolution and jitter)
@@ -93,8 +94,8 @@ class UnitCosts:
             self.z = model.trajectory(self.x).states[-1]
         B, dtype, dev = x.shape[0], x.dtype, x.device
         self.one_step = per_sample(1, B, torch.long, dev, "R")
-        self.beta = per_sample(PAPER_DEFAULTS["beta"], B, dtype, dev, "beta")
-        self.eps = per_sample(PAPER_DEFAULTS["eps"], B, dtype, dev, "eps")
+        self.beta = per_sample(DEFAULT_BETA, B, dtype, dev, "beta")
+        self.eps = per_sample(DEFAULT_EPS, B, dtype, dev, "eps")
         self.t_f: List[float] = []
         self.t_step: List[float] = []
 

@@ -25,11 +25,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .project_paths import PROJECT_ROOT  # its home; other modules still import it from here
+
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 ARCHIVE_NAME = "cifar10-jpeg.tar.gz"
-# The checkout (serving/, handlers/, model_store/ ...), or $ROBUSTDEQ_HOME when the library is
-# installed as a wheel (the Docker image puts those folders in /opt/robustdeq).
-PROJECT_ROOT = Path(os.environ.get("ROBUSTDEQ_HOME") or Path(__file__).resolve().parent.parent.parent)
 
 __all__ = [
     "CLASSES",

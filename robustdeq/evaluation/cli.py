@@ -6,9 +6,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import zipfile
 from pathlib import Path
 
+from ..card import format_card, validate_card
+from ..card import load_card as read_card  # re-exported for old imports; the card's home is card.py
 from .suite import FAMILIES, SHARDABLE_FAMILIES, EvalConfig
 
 _EVALUATE_EPILOG = """\
@@ -59,7 +60,7 @@ def add_accuracy_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_accuracy(args: argparse.Namespace) -> int:
-    from ..training.config import parse_number
+    from ..number_parsing import parse_number
     from . import checkpoint_accuracy
 
     result = checkpoint_accuracy(
@@ -159,8 +160,8 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
 def run_evaluate(args: argparse.Namespace) -> int:
     import torch
 
+    from ..number_parsing import parse_number
     from ..runtime import tune_cpu_allocator
-    from ..training.config import parse_number
     from .report import write_outputs
     from .shards import Shard
     from .suite import Evaluator
@@ -288,52 +289,6 @@ def add_card_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the card itself")
 
 
-def read_card(path: Path) -> dict:
-    """The card from a JSON file, a folder, a checkpoint (its sibling) or a .mar archive; validated."""
-    from .report import validate_card
-
-    path = Path(path)
-    if path.suffix == ".mar":
-        with zipfile.ZipFile(path) as archive:
-            card = json.loads(archive.read("robustness_card.json"))
-    else:
-        if path.is_file() and path.suffix != ".json":
-            path = path.parent
-        if path.is_dir():
-            path = path / "robustness_card.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"no robustness card at {path}; 'robustdeq evaluate' writes one")
-        card = json.loads(path.read_text())
-    validate_card(card)
-    return card
-
-
-def format_card(card: dict) -> str:
-    def pct(p) -> str:
-        if not p:
-            return "-"
-        low, high = p["ci95"]
-        return f"{100 * p['acc']:5.1f} [{100 * low:4.1f}, {100 * high:4.1f}]"
-
-    eps = card["threat_model"]["eps"] * 255
-    lines = [
-        f"{card['model']}: readout z[{card['early_state']}] of {card['n_steps']}, l_inf eps {eps:g}/255, "
-        f"n = {card['clean']['n']} test images",
-        f"{'setting':<16}{'T_f':>4}{'R':>4}  {'clean %':<20}{'robust %':<20}{'cost':>7}  robust figure from",
-    ]
-    for s in sorted(card["settings"], key=lambda s: (s["cost_vs_plain"], s["name"])):
-        clean = s.get("clean") or (card["clean"] if s["R"] == 0 else None)  # grid rows measured robustness only
-        kind = "adaptive attacks" if s["robust_kind"].startswith(("adaptive", "per-sample")) else "transfer only"
-        if s["robust"] and s["robust"]["n"] != card["clean"]["n"]:
-            kind += f" (n = {s['robust']['n']})"
-        gate = f", gated above {s['threshold']:.2f} nats" if s.get("gated") else ""
-        lines.append(
-            f"{s['name']:<16}{s['T_f'] if s['T_f'] else '-':>4}{s['R']:>4}  {pct(clean):<20}"
-            f"{pct(s['robust']):<20}{s['cost_vs_plain']:6.1f}x  {kind}{gate}"
-        )
-    return "\n".join(lines)
-
-
 def add_combine_arguments(p: argparse.ArgumentParser) -> None:
     p.description = (
         "The adaptive attacks on the defense cost minutes per image on a CPU, so the defense is often "
@@ -348,8 +303,7 @@ def add_combine_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_combine(args: argparse.Namespace) -> int:
-    from .prefix import combine_cards, load_evaluation
-    from .report import validate_card
+    from .combined_card import combine_cards, load_evaluation
 
     card = combine_cards(load_evaluation(args.main), load_evaluation(args.defended))
     validate_card(card)
@@ -378,8 +332,8 @@ def add_coverage_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_coverage(args: argparse.Namespace) -> int:
+    from .combined_card import load_evaluation
     from .coverage import attack_coverage, format_coverage
-    from .prefix import load_evaluation
 
     print(format_coverage(attack_coverage(load_evaluation(args.evaluation))), end="")
     return 0

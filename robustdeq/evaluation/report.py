@@ -8,6 +8,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Protocol
 
 from .. import __version__
+from ..card import CARD_FILE, setting_name, validate_card
+from ..card import SCHEMA_ID as CARD_SCHEMA_ID
+from ..card import SCHEMA_PATH as CARD_SCHEMA_PATH
 from ..stats import Proportion
 from .common import utc_now
 from .coverage import attack_coverage, attacks_with_results, format_coverage
@@ -33,14 +36,13 @@ class FinishedEvaluation(Protocol):
     def strongest_intermediate(self) -> Any: ...
 
 
-CARD_SCHEMA_ID = "robustdeq.robustness_card/1"
 #: how each evaluation split is described in the results
 SPLIT_NAMES = {
     "test": "CIFAR-10 test, seeded shuffle",
     "val": "validation split of the checkpoint's training run, seeded shuffle",
 }
-CARD_SCHEMA_PATH = Path(__file__).with_name("robustness_card.schema.json")
 
+# validate_card and CARD_SCHEMA_PATH are re-exported from card.py, the card's home, for old imports
 __all__ = ["assemble_results", "write_outputs", "robustness_card", "validate_card", "CARD_SCHEMA_PATH"]
 
 
@@ -154,8 +156,8 @@ def _stats(values: List[float]) -> Optional[dict]:
 
 # ---- robustness card ---------------------------------------------------------------------
 def robustness_card(results: dict) -> dict:
-    """The small per-checkpoint summary (issue: robustness card): clean and worst-case
-    accuracy with n and interval, per defense setting its robust accuracy and cost."""
+    """The small per-checkpoint summary (``card.py`` reads it): clean and worst-case accuracy
+    with n and interval, per defense setting its robust accuracy and cost."""
     settings = []
     for s in results["settings"]:
         entry = {
@@ -177,7 +179,7 @@ def robustness_card(results: dict) -> dict:
     for cell in grid:
         settings.append(
             {
-                "name": f"defense-T{cell['T_f']}-R{cell['R']}",
+                "name": setting_name(cell["T_f"], cell["R"]),
                 "T_f": cell["T_f"],
                 "R": cell["R"],
                 "gated": False,
@@ -219,24 +221,12 @@ def _interval(p: Optional[dict]) -> Optional[dict]:
     return {"acc": p["acc"], "n": p["n"], "ci95": p["ci95"]}
 
 
-def validate_card(card: dict) -> None:
-    """Validate a card against ``robustness_card.schema.json`` (raises ``ValueError``)."""
-    import jsonschema
-
-    schema = json.loads(CARD_SCHEMA_PATH.read_text())
-    try:
-        jsonschema.validate(card, schema)
-    except jsonschema.ValidationError as e:
-        where = "/".join(str(p) for p in e.absolute_path) or "(top level)"
-        raise ValueError(f"robustness card invalid at {where}: {e.message}") from None
-
-
 # ---- outputs -----------------------------------------------------------------------------
 def write_outputs(results: dict, out_dir: Path) -> Dict[str, Path]:
     """results.json, report.md, robustness_card.json and the PNG plots."""
     out_dir = Path(out_dir)
     paths = {name: out_dir / file for name, file in
-             (("results", "results.json"), ("report", "report.md"), ("card", "robustness_card.json"))}  # fmt: skip
+             (("results", "results.json"), ("report", "report.md"), ("card", CARD_FILE))}  # fmt: skip
     paths["results"].write_text(json.dumps(results, indent=1))
     card = robustness_card(results)
     validate_card(card)

@@ -28,14 +28,16 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 from .. import __version__
+from ..card import CARD_FILE, card_for_checkpoint, load_card
 from ..checkpoint import file_sha256, load_checkpoint
 from ..data import CLASSES, PROJECT_ROOT
 from ..export import export_onnx
+from ..project_paths import MODEL_STORE
 from ..runtime import find_executable
 from .options import Limits
 
 DEFAULT_HANDLER = PROJECT_ROOT / "handlers" / "robustdeq_handler.py"
-DEFAULT_STORE = PROJECT_ROOT / "model_store"
+DEFAULT_STORE = MODEL_STORE
 DEFENDED_SUFFIX = "-defended"
 FIXED_DATE = (1980, 1, 1, 0, 0, 0)
 FIXED_CREATED_ON = "01/01/1980 00:00:00"
@@ -126,19 +128,10 @@ def archive_name(name: str, lane: str) -> str:
 
 
 def model_config(lane_config: LaneConfig, limits: Limits) -> Dict[str, Any]:
-    handler = {"checkpoint": "model.pt", "card": "robustness_card.json", "labels": "index_to_name.json"}
+    handler = {"checkpoint": "model.pt", "card": CARD_FILE, "labels": "index_to_name.json"}
     handler["library_version"] = __version__
     handler.update(limits.to_dict())
     return {**lane_config.to_yaml(), "handler": handler}
-
-
-def _find_card(checkpoint: Path, card: Optional[Path]) -> Optional[Path]:
-    if card is not None:
-        if not card.is_file():
-            raise FileNotFoundError(f"robustness card {card} does not exist")
-        return card
-    candidate = checkpoint.parent / "robustness_card.json"
-    return candidate if candidate.is_file() else None
 
 
 def build_archives(
@@ -164,9 +157,9 @@ def build_archives(
     exportable = onnx and not model.onnx_export_blocker
     if not handler.is_file():
         raise FileNotFoundError(f"handler {handler} does not exist")
-    card_path = _find_card(checkpoint, card)
+    card_path = card_for_checkpoint(checkpoint, card)
     if card_path is not None:
-        card_data = json.loads(card_path.read_text())
+        card_data = load_card(card_path)  # validated
         expected = card_data.get("checkpoint_sha256")
         if expected and expected != file_sha256(checkpoint):
             raise ValueError(f"robustness card {card_path} describes another checkpoint (sha256 {expected[:12]}...)")
@@ -188,8 +181,8 @@ def build_archives(
             (tmp / "index_to_name.json").write_text(json.dumps(labels, indent=1) + "\n")
             extra = [tmp / "index_to_name.json"]
             if card_path is not None:
-                shutil.copyfile(card_path, tmp / "robustness_card.json")
-                extra.append(tmp / "robustness_card.json")
+                shutil.copyfile(card_path, tmp / CARD_FILE)
+                extra.append(tmp / CARD_FILE)
             config = model_config(lane_configs[lane], limits)
             if lane == "plain" and exportable:
                 export_onnx(model, tmp / "model.onnx")

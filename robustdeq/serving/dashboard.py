@@ -5,7 +5,10 @@ a test keeps the file equal to ``render_dashboard()`` and checks every query aga
 scrape. Panels use a ``${DS_PROMETHEUS}`` data-source variable (so the JSON imports into any
 Grafana 10/11 and works from provisioning) and the variables ``$model``, ``$mode`` and
 ``$instance``. ``instance`` (and ``job``) are Prometheus target labels, added at scrape time:
-they are not on the metrics port itself (``PROMETHEUS_TARGET_LABELS``).
+they are not on the metrics port itself (``PROMETHEUS_TARGET_LABELS``). The defense's cost
+quoted in a panel description is read from the robustness cards of the archives in
+``model_store/`` (:func:`defense_costs`), so a rebuilt archive with a new card makes the test
+ask for the file to be regenerated.
 
 Paper 1 is "Improving Adversarial Robustness of DEQs with Explicit Regulations Along the
 Neural Dynamics": Eq. 6 is the prediction entropy, Algorithm 1 the test-time entropy reduction.
@@ -15,10 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from string import ascii_uppercase
 from typing import Any, Dict, List, Sequence, Tuple
 
-__all__ = ["build_dashboard", "render_dashboard", "PROMETHEUS_TARGET_LABELS", "UID"]
+from ..card import ADAPTIVE, find_setting, load_card
+from ..defense_defaults import DEFAULT_R, DEFAULT_T_F
+from ..project_paths import MODEL_STORE
+from .runfolder import DEFAULT_MODELS
+
+__all__ = ["build_dashboard", "render_dashboard", "defense_costs", "PROMETHEUS_TARGET_LABELS", "UID"]
 
 UID = "robustdeq-serve"
 PROMETHEUS_TARGET_LABELS = ("instance", "job")
@@ -170,6 +179,22 @@ def _traffic() -> List[Dict[str, Any]]:
     ]  # fmt: skip
 
 
+def defense_costs(store: Path = MODEL_STORE, models: Sequence[str] = DEFAULT_MODELS) -> str:
+    """What Algorithm 1 at the paper's defaults costs, from the robustness cards the defended lanes
+    serve (``card.py``): "cost_vs_plain in the robustness card with T_f = 2, R = 10: 19x for
+    deq-small, 27x for deq-tiny". The served defaults first, then the other archives of ``store``;
+    only cards with an adaptive row of that setting."""
+    names = list(models) + sorted(p.name[: -len("-defended.mar")] for p in Path(store).glob("*-defended.mar"))
+    costs = []
+    for name in dict.fromkeys(names):
+        mar = Path(store) / f"{name}-defended.mar"
+        row = find_setting(load_card(mar), DEFAULT_T_F, DEFAULT_R, kind=ADAPTIVE) if mar.is_file() else None
+        if row is not None and row.get("cost_vs_plain") is not None:
+            costs.append(f"{row['cost_vs_plain']:.0f}x for {name}")
+    setting = f"cost_vs_plain in the robustness card with T_f = {DEFAULT_T_F}, R = {DEFAULT_R}"
+    return f"{setting}: {', '.join(costs)}" if costs else setting
+
+
 def _defense() -> List[Dict[str, Any]]:
     on_or_gated = MODEL + ', Mode=~"on|gated"'
     gated = MODEL + ', Mode="gated"'
@@ -185,8 +210,8 @@ def _defense() -> List[Dict[str, Any]]:
                       "{{ModelName}} gated through")],
               "percentunit", width=8, **share()),
         panel("Defended and gated-through requests", "Requests per second that Algorithm 1 ran on, by mode, "
-              "and gated requests answered without it. A defended request costs many plain solves (cost_vs_plain "
-              "in the robustness card with T_f = 2, R = 10: 19x for deq-small, 27x for deq-tiny).",
+              "and gated requests answered without it. A defended request costs many plain solves "
+              f"({defense_costs()}).",
               [target(rate("robustdeq_defended_requests_total"), "{{ModelName}} {{Mode}} defended"),
                target(gated_through, "{{ModelName}} gated through")], "reqps", width=8, min=0),
         panel("Entropy reduction by the defense (mean)", "How much Algorithm 1 of paper 1 lowered the prediction "

@@ -27,12 +27,15 @@ import torch
 from torch import Tensor
 
 from .. import __version__
+from ..card import CARD_FILE, find_setting, gate_from_card, load_card, setting_name
 from ..checkpoint import Checkpoint, load_checkpoint
 from ..data import CLASSES
-from ..defense import PAPER_DEFAULTS, gated_entropy_reduction
+from ..defense import gated_entropy_reduction
+from ..defense_defaults import DEFAULT_BETA, DEFAULT_EPS
 from ..dynamics import run_dynamics
 from .options import Limits, RequestError, RequestOptions
 
+# gate_from_card is re-exported from card.py, the card's home, for old imports
 __all__ = ["InferenceEngine", "BatchTiming", "card_setting_name", "gate_from_card", "ARCHIVE_FILE_KEYS"]
 
 logger = logging.getLogger(__name__)
@@ -42,17 +45,7 @@ ARCHIVE_FILE_KEYS = ("checkpoint", "card", "labels", "onnx", "library_version")
 
 def card_setting_name(options: RequestOptions) -> str:
     """The robustness card's name for a request's setting (``none``, ``defense-T2-R10``, ...)."""
-    if options.defense == "off" or options.R == 0:
-        return "none"
-    return f"{'gated' if options.defense == 'gated' else 'defense'}-T{options.T_f}-R{options.R}"
-
-
-def gate_from_card(card: Optional[Dict[str, Any]]) -> Optional[Dict[str, float]]:
-    """The evaluated gate of a card: ``{"threshold", "state"}`` or None when it has none."""
-    for setting in (card or {}).get("settings", []):
-        if setting.get("gated") and setting.get("threshold") is not None:
-            return {"threshold": float(setting["threshold"]), "state": int(card["early_state"])}
-    return None
+    return setting_name(options.T_f, 0 if options.defense == "off" else options.R, options.defense == "gated")
 
 
 @dataclass
@@ -109,16 +102,17 @@ class InferenceEngine:
         if limits.cpu_nice > 0 and hasattr(os, "setpriority"):
             os.setpriority(os.PRIO_PROCESS, 0, max(limits.cpu_nice, os.getpriority(os.PRIO_PROCESS, 0)))
 
-        def read_json(key: str, default: str):
+        def path_of(key: str, default: str) -> Optional[str]:
             path = os.path.join(model_dir, files.get(key, default))
-            if not os.path.isfile(path):
-                return None
-            with open(path, encoding="utf-8") as fh:
-                return json.load(fh)
+            return path if os.path.isfile(path) else None
 
         checkpoint = load_checkpoint(os.path.join(model_dir, files.get("checkpoint", "model.pt")))
-        card = read_json("card", "robustness_card.json")
-        labels = read_json("labels", "index_to_name.json")
+        card_path, labels_path = path_of("card", CARD_FILE), path_of("labels", "index_to_name.json")
+        card = load_card(card_path) if card_path else None
+        labels = None
+        if labels_path:
+            with open(labels_path, encoding="utf-8") as fh:
+                labels = json.load(fh)
         kwargs: Dict[str, Any] = {"labels": [labels[str(i)] for i in range(len(labels))]} if labels else {}
         if files.get("onnx"):
             from ..export import OnnxPlainSession
@@ -250,18 +244,19 @@ class InferenceEngine:
             return None
         if options.state != int(self.card.get("early_state", -1)):
             return None
-        if options.defense != "off" and options.R > 0:
-            eps_eval = float(self.card.get("threat_model", {}).get("eps", PAPER_DEFAULTS["eps"]))
-            if not (math.isclose(options.beta, PAPER_DEFAULTS["beta"]) and math.isclose(options.eps, eps_eval)):
+        defended = options.defense != "off" and options.R > 0
+        if defended:
+            eps_eval = float(self.card.get("threat_model", {}).get("eps", DEFAULT_EPS))
+            if not (math.isclose(options.beta, DEFAULT_BETA) and math.isclose(options.eps, eps_eval)):
                 return None
-        name = card_setting_name(options)
-        for setting in self.card.get("settings", []):
-            if setting.get("name") == name:
-                keep = ("name", "clean", "robust", "robust_kind", "cost_vs_plain", "trigger_rate_clean")
-                entry = {k: setting[k] for k in keep if k in setting}
-                entry["eps"] = self.card.get("threat_model", {}).get("eps")
-                return entry
-        return None
+        # the adaptive row where the card has one, else the transferred one (card.find_setting)
+        setting = find_setting(self.card, options.T_f, options.R if defended else 0, options.defense == "gated")
+        if setting is None:
+            return None
+        keep = ("name", "clean", "robust", "robust_kind", "cost_vs_plain", "trigger_rate_clean")
+        entry = {k: setting[k] for k in keep if k in setting}
+        entry["eps"] = self.card.get("threat_model", {}).get("eps")
+        return entry
 
     def describe(self) -> Dict[str, Any]:
         """The model, its defaults and bounds, and the full robustness card."""

@@ -20,7 +20,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, Mapping, Optional
 
-from ..training.config import parse_number
+from ..defense_defaults import DEFAULT_BETA, DEFAULT_EPS, DEFAULT_R, DEFAULT_T_F
+from ..number_parsing import parse_number
 
 DEFENSE_MODES = ("off", "on", "gated")
 #: hard upper bounds no archive can raise
@@ -67,10 +68,10 @@ class Limits:
 
     lane: str = "plain"  # "plain": defense off only; "defended": every mode
     default_defense: str = "off"
-    T_f: int = 2
-    R: int = 10
-    beta: float = 2 / 255
-    eps: float = 8 / 255
+    T_f: int = DEFAULT_T_F
+    R: int = DEFAULT_R
+    beta: float = DEFAULT_BETA
+    eps: float = DEFAULT_EPS
     top_k: int = 3
     max_R: int = HARD_MAX_R
     max_eps: float = HARD_MAX_EPS
@@ -128,10 +129,10 @@ class RequestOptions:
 
     state: int
     defense: str = "off"
-    T_f: int = 2
-    R: int = 10
-    beta: float = 2 / 255
-    eps: float = 8 / 255
+    T_f: int = DEFAULT_T_F
+    R: int = DEFAULT_R
+    beta: float = DEFAULT_BETA
+    eps: float = DEFAULT_EPS
     top_k: int = 3
     given: tuple = field(default=(), compare=False)  # the option names the request set itself
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Union
 
 import yaml
+
+from ..number_parsing import parse_number  # its home; re-exported here for old imports
+from ..readout import READOUT_RULES
 
 __all__ = [
     "TrainConfig",
@@ -156,7 +158,6 @@ class TrainConfig:
         return cfg
 
     def validate(self) -> None:
-        from ..evaluation.ready_made import READOUT_RULES
         from ..models import MODEL_PRESETS
 
         problems: List[str] = []
@@ -228,19 +229,6 @@ class TrainConfig:
             problems.append(f"data.epoch_size ({self.data.epoch_size}) is smaller than one batch")
         if problems:
             raise ValueError("invalid training config:\n  " + "\n  ".join(problems))
-
-
-def parse_number(value: Any) -> Any:
-    """Accept '8/255' style fractions and '3e-3' (which YAML 1.1 reads as a string)."""
-    if isinstance(value, str):
-        text = value.replace(" ", "")
-        if text.lower() in ("nan", "inf", "-inf", "infinity"):
-            return value
-        try:
-            return float(Fraction(text)) if "/" in text else float(text)
-        except (ValueError, ZeroDivisionError):
-            return value
-    return value
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:

@@ -152,7 +152,7 @@ def format_profile(profile: Dict[str, float], batch: int = 96) -> str:
 
 def _validation_seconds(model_name: str, n_clean: int, n_robust: int, steps_per_epoch: int) -> float:
     """One epoch's validation (clean + PGD-10 of every state) on random inputs, per step."""
-    from ..evaluation import state_accuracies
+    from ..state_accuracy import state_accuracies
 
     torch.manual_seed(0)
     model = create_model(model_name).eval()

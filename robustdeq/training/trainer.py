@@ -29,8 +29,9 @@ from torch import Tensor
 from .. import __version__
 from ..checkpoint import Checkpoint, CheckpointError
 from ..data import Split, augment, batches_per_epoch, epoch_batches, load_cifar10, train_val_split
-from ..evaluation import choose_readout_state, state_accuracies
 from ..models import create_model
+from ..readout import choose_readout_state
+from ..state_accuracy import state_accuracies
 from .collapse import CollapseWatch
 from .config import TrainConfig
 from .distributed import Processes
