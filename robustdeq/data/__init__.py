@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .project_paths import PROJECT_ROOT  # its home; other modules still import it from here
+from ..project_paths import PROJECT_ROOT  # its home; other modules still import it from here
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 ARCHIVE_NAME = "cifar10-jpeg.tar.gz"
