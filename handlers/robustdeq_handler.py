@@ -12,8 +12,10 @@ The model work (solve, early-state readout, Algorithm 1 of paper 1) is
   request gets its own 4xx JSON error; the rest of the batch is answered normally;
 * a ``describe`` call (management API ``GET /models/<name>?customized=true``) or a JSON
   body ``{"describe": true}`` returns the model's defaults, bounds and robustness card;
-* a KServe v1 body ``{"instances": [...]}`` (``/v1/models/<name>:predict``) is one request
-  with several inputs, answered ``{"predictions": [...]}``; a bad instance fails its request.
+* the protocols (the project's own body, KServe v1 ``{"instances": [...]}`` on
+  ``/v1/models/<name>:predict``, OIP v2 ``{"inputs": [...]}`` on ``/v2/models/<name>/infer``)
+  are ``robustdeq.serving.protocols``: a request with several inputs is one request, answered
+  in its protocol's shape; a bad input fails its request only.
 """
 
 import json
@@ -24,9 +26,9 @@ from http import HTTPStatus
 import torch
 from ts.metrics.metric_type_enum import MetricTypes
 
-from robustdeq.serving.inputs import decode_request, read_body, split_instances
 from robustdeq.serving.metrics import METRICS, observations
-from robustdeq.serving.options import RequestError, parse_options
+from robustdeq.serving.options import RequestError
+from robustdeq.serving.protocols import decode
 
 logger = logging.getLogger(__name__)
 _KIND = {m.name: m.kind for m in METRICS}
@@ -58,7 +60,7 @@ class RobustDEQHandler:
         start = time.perf_counter()
         engine = self.engine
         responses = [None] * len(data)
-        instances = {}  # request index -> number of KServe v1 instances
+        requests = {}  # request index -> its decoded protocols.Request
         accepted, rejected = [], []
 
         def reject(idx, err):
@@ -68,7 +70,7 @@ class RobustDEQHandler:
 
         for idx, item in enumerate(data):
             try:
-                inputs = self._inputs(item, context, idx)
+                request, options = self._decode(item, context, idx)
             except RequestError as err:
                 reject(idx, err)
                 continue
@@ -76,22 +78,18 @@ class RobustDEQHandler:
                 logger.exception("request %d could not be decoded", idx)
                 reject(idx, RequestError(400, "undecodable_request", "the request could not be decoded"))
                 continue
-            if inputs is None:
+            if request.protocol == "describe":
                 responses[idx] = engine.describe()
                 continue
-            kserve, inputs = inputs
-            if kserve:
-                instances[idx] = len(inputs)
-            accepted += [((idx, j), x, options) for j, (x, options) in enumerate(inputs)]
+            requests[idx] = request
+            accepted += [((idx, j), x, o) for j, (x, o) in enumerate(zip(request.inputs, options))]
         results = dict(self._answer(accepted)) if accepted else {}
         for (idx, _), answer in results.items():
-            if isinstance(answer, RequestError):
+            if isinstance(answer, RequestError) and responses[idx] is None:
                 reject(idx, answer)
-            elif idx not in instances:
-                responses[idx] = answer
-        for idx, n in instances.items():
+        for idx, request in requests.items():
             if responses[idx] is None:
-                responses[idx] = {"predictions": [results[(idx, j)] for j in range(n)]}
+                responses[idx] = request.respond([results[(idx, j)] for j in range(len(request.inputs))], engine)
         failed = {idx for (idx, _), answer in results.items() if isinstance(answer, RequestError)}
         answers = [answer for (idx, _), answer in results.items() if idx not in failed]
         elapsed = time.perf_counter() - start
@@ -100,32 +98,13 @@ class RobustDEQHandler:
         self._emit(observations(engine.name, answers, rejected, elapsed, len(data)))
         return [json.dumps(r) for r in responses]
 
-    def _inputs(self, item, context, idx):
-        """One request -> None (a describe call) or (is KServe v1, [(input, options)]); a bad
-        request (or a bad instance of it) raises RequestError."""
-        engine = self.engine
+    def _decode(self, item, context, idx):
+        """One request -> (protocols.Request, each input's options); RequestError when it is bad."""
+        engine, headers = self.engine, context.get_all_request_header(idx)
         value, content_type = _payload(item, context, idx)
-        value = read_body(value, content_type)
-        bodies = split_instances(value)
-        headers = context.get_all_request_header(idx)
-        inputs = []
-        for j, body in enumerate([value] if bodies is None else bodies):
-            try:
-                x, body = decode_request(
-                    body, content_type, engine.input_shape, engine.limits.max_image_side, engine.limits.max_image_pixels
-                )
-                options = parse_options(body, headers, engine.limits, engine.n_steps, engine.default_state)
-                if x is None:
-                    if bodies is None:
-                        return None
-                    raise RequestError(400, "bad_json", "'describe' is not an instance")
-                engine.check(options)
-            except RequestError as err:
-                if bodies is not None:
-                    err.message = f"instances[{j}]: {err.message}"
-                raise
-            inputs.append((x, options))
-        return bodies is not None, inputs
+        side, pixels = engine.limits.max_image_side, engine.limits.max_image_pixels
+        request = decode(value, content_type, engine.input_shape, side, pixels, headers)
+        return request, ([] if request.protocol == "describe" else request.options(headers, engine))
 
     def _answer(self, accepted):
         """[(index, answer or RequestError)] for validated requests. A batch the model fails on

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -208,10 +209,15 @@ def test_quick_readme_blocks_run(checkout):
     finally:
         subprocess.run([sys.executable, "-m", "robustdeq", "stop", "--run-dir", str(checkout / ".serve")],
                        capture_output=True, timeout=120)  # fmt: skip
-    first, python = outputs[0], outputs[1]
+    first, python, protocols = outputs[0], outputs[1], outputs[2]
     assert '"model": "deq-small"' in first and '"model": "deq-small-defended"' in first and '"error"' not in first
     assert first.count("defense on (T_f=2, R=10)") == 10, first
     assert python.startswith("200 ship") and "'acc': 0.305" in python, python
+    v1, end = json.JSONDecoder().raw_decode(protocols)  # the two curl answers, back to back
+    oip = json.loads(protocols[end:])
+    assert v1["predictions"][0]["label"] == "ship" and oip["model_name"] == "deq-small-defended", protocols
+    assert [o["name"] for o in oip["outputs"]] == ["label", "entropy"] and oip["outputs"][0]["data"] == ["ship"]
+    assert (oip["parameters"]["T_f"], oip["parameters"]["R"]) == (2, 10)
 
 
 def test_the_readme_picture_is_reproducible(checkout):

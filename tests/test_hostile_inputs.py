@@ -21,8 +21,9 @@ import torch
 from PIL import Image
 
 from robustdeq.serving.fuzz import fuzz_cases, run_decoder
-from robustdeq.serving.inputs import MAX_IMAGE_PIXELS, decode_request, read_body, split_instances
+from robustdeq.serving.inputs import MAX_IMAGE_PIXELS
 from robustdeq.serving.options import RequestError
+from robustdeq.serving.protocols import decode
 from robustdeq.serving.runfolder import http_get, read_keys
 
 from .serving_helpers import png
@@ -54,9 +55,7 @@ def _png_declaring(width: int, height: int, pixels: bytes = b"") -> bytes:
 
 
 def _decode(payload, ctype):
-    value = read_body(payload, ctype)
-    bodies = split_instances(value)
-    return [decode_request(b, ctype, SHAPE)[0] for b in ([value] if bodies is None else bodies)]
+    return decode(payload, ctype, SHAPE).inputs
 
 
 def _status(payload, ctype):
@@ -170,6 +169,8 @@ def test_fuzz_the_decoder_in_process(cifar_test):
     assert set(report.statuses) <= {200, 400, 413}
     assert report.statuses[200] > 100 and report.statuses[400] > 500  # the corpus exercises both sides
     assert {"multi_frame_image", "corrupt_image", "duplicate_key", "bad_encoding"} <= set(report.reasons)
+    # the OIP v2 edits reach the fields its decoder checks
+    assert {"bad_datatype", "bad_shape", "missing_data", "unknown_input", "unknown_output"} <= set(report.reasons)
 
 
 def _worker_state(server, model):

@@ -457,6 +457,33 @@ def test_kserve_v1_instances_are_one_request_with_several_inputs(worker, cifar_t
     assert results[3][1]["reason"] == "bad_json" and results[4][1]["reason"] == "too_many_instances"
 
 
+def test_oip_and_v1_b64_requests_share_a_batch_with_the_others(worker, cifar_test):
+    """OIP v2 and TF-Serving b64 bodies in one TorchServe batch with a raw image: each is one
+    request answered in its own protocol; a malformed OIP body fails alone, naming its field."""
+    images = [png_bytes(cifar_test.images[i].permute(1, 2, 0).numpy()) for i in (3531, 17)]
+    encoded = [base64.b64encode(im).decode() for im in images]
+    oip = {
+        "id": "r1",
+        "parameters": {"R": 5},
+        "inputs": [{"name": "image", "datatype": "BYTES", "shape": [2], "data": encoded}],
+    }
+    bad = {"inputs": [{"name": "image", "datatype": "FP64", "shape": [1], "data": encoded[:1]}]}
+    batch = [
+        make_request("a", json.dumps(oip).encode(), "application/json"),
+        make_request("b", json.dumps(bad).encode(), "application/json"),
+        make_request("c", images[1], "image/png", {"X-R": "5"}),
+        make_request("d", json.dumps({"instances": [{"image_bytes": {"b64": encoded[0]}}], "R": 5}).encode(),
+                     "application/json"),
+    ]  # fmt: skip
+    results = worker.handle(batch)
+    assert [status for status, _ in results] == [200, 400, 200, 200]
+    answer = results[0][1]
+    outputs = {o["name"]: o["data"] for o in answer["outputs"]}
+    assert answer["id"] == "r1" and answer["model_name"] == "deq-tiny-defended" and answer["parameters"]["R"] == 5
+    assert outputs["label"] == [results[3][1]["predictions"][0]["label"], results[2][1]["label"]]
+    assert results[1][1]["reason"] == "bad_datatype" and results[1][1]["error"].startswith("inputs[0].datatype")
+
+
 # ---- the ONNX fast path of the plain lane ------------------------------------------------------
 def test_onnx_export_matches_pytorch_on_real_images(tmp_path, cifar_test):
     from robustdeq.export import OnnxPlainSession, PlainForward, export_onnx, parity

@@ -14,6 +14,7 @@ import shutil
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +118,74 @@ def test_bad_inputs_get_4xx_while_concurrent_good_requests_succeed(server, clien
     assert [a["index"] for _, a in goods] == expected.tolist()
     families = scrape(server)
     assert sample_value(families, "robustdeq_rejected_requests_total", ModelName="deq-tiny", Reason="wrong_lane") >= 1
+
+
+def test_kserve_v1_b64_and_oip_v2_over_http(server, client, cifar_test):
+    """TF-Serving's b64 convention on /v1/models/<name>:predict, OIP v2 on /v2/models/<name>/infer
+    (BYTES images; an FP32 batch with the options in parameters; a malformed body among good
+    ones), and what TorchServe answers on OIP's health and metadata routes."""
+    images = [cifar_test.images[i] for i in (3531, 17, 42, 7)]
+    encoded = [base64.b64encode(png(im)).decode() for im in images]
+    own = [client.predict("deq-tiny", png(im), "image/png")[1] for im in images]
+    post = partial(client.request, content_type="application/json")
+
+    def body(value) -> bytes:
+        return json.dumps(value).encode()
+
+    status, answer = post("/v1/models/deq-tiny:predict", body({"instances": [{"b64": encoded[0]}], "top_k": 2}))
+    assert status == 200 and answer["predictions"][0]["label"] == own[0]["label"], answer
+    assert len(answer["predictions"][0]["top_k"]) == 2
+    named = {"instances": [{"image_bytes": {"b64": e}} for e in encoded[:2]]}
+    status, answer = post("/v1/models/deq-tiny:predict", body(named))
+    assert status == 200 and [p["label"] for p in answer["predictions"]] == [a["label"] for a in own[:2]], answer
+
+    oip = {"id": "bytes-1", "inputs": [{"name": "image", "datatype": "BYTES", "shape": [3], "data": encoded[:3]}]}
+    status, answer = post("/v2/models/deq-tiny/infer", body(oip))
+    assert status == 200, answer
+    outputs = {o["name"]: o for o in answer["outputs"]}
+    assert answer["model_name"] == "deq-tiny" and answer["id"] == "bytes-1"
+    assert outputs["label"]["data"] == [a["label"] for a in own[:3]] and outputs["label"]["shape"] == [3]
+    assert outputs["probabilities"]["datatype"] == "FP32" and outputs["probabilities"]["shape"] == [3, 10]
+    assert json.loads(answer["parameters"]["robustness"])["name"] == "none"  # the card's undefended row
+
+    batch = torch.stack(images).float().div(255)  # FP32 [4, 3, 32, 32], flat row-major
+    fp32 = {
+        "parameters": {"defense": "on", "T_f": 1, "R": 5},
+        "inputs": [{"name": "array", "datatype": "FP32", "shape": list(batch.shape), "data": batch.flatten().tolist(),
+                    "parameters": {"R": 2}}],
+    }  # fmt: skip
+    malformed = [
+        ({"inputs": [{**fp32["inputs"][0], "datatype": "FP64"}]}, "bad_datatype", "inputs[0].datatype"),
+        ({"inputs": [{**fp32["inputs"][0], "shape": [4, 3, 32]}]}, "bad_shape", "inputs[0].shape"),
+        ({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1]}]}, "missing_data", "inputs[0].data"),
+        (
+            {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2], "data": [encoded[0], "aGVsbG8="]}]},
+            "corrupt_image",
+            "inputs[0].data[1]",
+        ),
+    ]
+    with ThreadPoolExecutor(6) as pool:
+        defended = pool.submit(post, "/v2/models/deq-tiny-defended/infer", body(fp32))
+        goods = [pool.submit(post, "/v2/models/deq-tiny/infer", body(oip)) for _ in range(4)]
+        bads = [pool.submit(post, "/v2/models/deq-tiny/infer", body(b)) for b, _, _ in malformed]
+        status, answer = defended.result()
+        assert all(f.result()[0] == 200 for f in goods)
+        for (_, reason, field), future in zip(malformed, bads):
+            status_bad, error = future.result()
+            assert status_bad == 400 and error["reason"] == reason and error["error"].startswith(field), error
+    assert status == 200, answer
+    outputs = {o["name"]: o["data"] for o in answer["outputs"]}
+    assert answer["model_name"] == "deq-tiny-defended"
+    params = answer["parameters"]
+    assert (params["defense"], params["T_f"], params["R"]) == ("on", 1, 2)  # the input's R wins
+    assert outputs["defense_ran"] == [True] * 4 and min(outputs["defense_ms"]) > 0
+    assert outputs["readout_state"] == [5] * 4 and len(outputs["entropy_trajectory"]) == 4 * 8
+
+    # OIP's health and metadata routes: TorchServe does not route them to a handler
+    keys = read_keys(Path(server.run_dir))
+    for path in ("/v2/health/ready", "/v2/health/live", "/v2/models/deq-tiny", "/v2/models/deq-tiny/ready"):
+        status, _ = http_get(server.inference_url + path, keys["inference"])
+        assert status == 404, (path, status)
 
 
 def test_every_declared_metric_is_exported(server, client, reference, cifar_test):

@@ -8,7 +8,9 @@ and from valid JSON bodies. Each case is then mutated with one of:
   (a piece of another file inserted or a piece of this one repeated);
 * size fields set to extremes (PNG IHDR, GIF screen, BMP header, JPEG SOF, TIFF tags);
 * for JSON: NaN / Infinity literals, duplicated keys, deep nesting, huge numbers,
-  non-UTF-8 bytes, base64 of something other than an image, instances that mix kinds.
+  non-UTF-8 bytes, base64 of something other than an image, instances that mix kinds;
+* for OIP v2 requests: wrong datatypes, shapes and names, missing ``data``, elements that
+  are not images, hostile parameters and outputs, the binary extension.
 
 The contract checked by :func:`run_decoder` (and by the test suite against a real
 TorchServe): every payload is either decoded to a finite input of the model's shape in
@@ -84,7 +86,8 @@ def seed_images(images: Sequence[np.ndarray]) -> List[Case]:
 
 
 def seed_bodies(images: Sequence[np.ndarray]) -> List[Case]:
-    """Valid JSON bodies: a base64 image, an array, KServe v1 instances, with options."""
+    """Valid JSON bodies: a base64 image, an array, KServe v1 instances (also with TF-Serving's
+    ``b64``), OIP v2 inference requests (BYTES and FP32), with options."""
     cases: List[Case] = []
     for i, a in enumerate(images):
         b64 = base64.b64encode(_encode(Image.fromarray(a, "RGB"), "PNG")).decode()
@@ -94,6 +97,18 @@ def seed_bodies(images: Sequence[np.ndarray]) -> List[Case]:
             "json-array": {"array": array},
             "json-instances": {"instances": [b64, {"image": b64}], "top_k": 2},
             "json-instances-array": {"instances": [{"array": array}]},
+            "json-v1-b64": {"instances": [{"b64": b64}, {"image_bytes": {"b64": b64}, "top_k": 2}]},
+            "json-oip-bytes": {
+                "id": f"fuzz-{i}",
+                "parameters": {"top_k": 2},
+                "inputs": [{"name": "image", "datatype": "BYTES", "shape": [2], "data": [b64, b64]}],
+            },
+            "json-oip-fp32": {
+                "inputs": [
+                    {"name": "array", "datatype": "FP32", "shape": [1, *a.transpose(2, 0, 1).shape], "data": [array]}
+                ],
+                "outputs": [{"name": "label"}, {"name": "probabilities"}],
+            },
         }
         cases += [Case(f"{k}#{i}", json.dumps(body).encode(), "application/json") for k, body in bodies.items()]
     return cases
@@ -161,9 +176,45 @@ def _size_fields(data: bytes, rng: random.Random) -> bytes:
     return bytes(b)
 
 
+_NOT_IMAGES = (b"hello world", b"%PDF-1.4\n" + b"\x00" * 64, b"\x89PNG\r\n\x1a\n" + bytes(40), b"GIF89a")
+
+
+def _oip_edit(body: dict, rng: random.Random) -> bytes:
+    """A hostile edit of a valid OIP v2 request: the fields its decoder checks."""
+    tensor = body["inputs"][0]
+    choice = rng.randrange(10)
+    if choice == 0:
+        tensor["datatype"] = rng.choice(("FP64", "INT8", "UINT8", "BYTES", "FP32", 7, None))
+    elif choice == 1:
+        n = tensor["shape"][0]
+        tensor["shape"] = rng.choice(([n + 1], [n, 3, 32], [65], [-1], ["2"], [0], [10**12, 3, 32, 32], 3, []))
+    elif choice == 2:
+        tensor.pop("data")
+    elif choice == 3:  # an element that is not an image, or not base64
+        junk = base64.b64encode(rng.choice(_NOT_IMAGES)).decode()
+        tensor["data"] = [rng.choice((junk, "***", 5, None, [junk]))] * tensor["shape"][0]
+    elif choice == 4:
+        tensor["name"] = rng.choice(("input-0", "", None, ["image"], "IMAGE"))
+    elif choice == 5:  # options that are out of bounds, unknown or of the wrong type
+        where = body if rng.random() < 0.5 else tensor
+        where["parameters"] = rng.choice(({"R": 500}, {"defense": {"x": 1}}, {"T_f": "NaN"}, {"Tf": 1}, "on", []))
+    elif choice == 6:  # values of the wrong type or range in an FP32 tensor
+        tensor.update(name="array", datatype="FP32", shape=[1, 3, 32, 32])
+        tensor["data"] = rng.choice(([0.5] * 3071 + [2.0], [True] * 3072, ["0.5"] * 3072, [[0.5] * 3, [0.5]], 0.5))
+    elif choice == 7:  # the binary extension, or unknown keys
+        rng.choice((tensor, body)).update(rng.choice(({"parameters": {"binary_data_size": 10}}, {"extra": 1})))
+    elif choice == 8:
+        body["outputs"] = rng.choice(([{"name": "logits"}], [{"name": "label", "x": 1}], {"name": "label"}, [3]))
+    else:
+        body["inputs"] = rng.choice(([], [tensor, tensor], {"0": tensor}, None))
+    return json.dumps(body).encode()
+
+
 def _json_edit(data: bytes, rng: random.Random) -> bytes:
     """A structural edit of a valid JSON body."""
     body = json.loads(data)
+    if "inputs" in body and rng.random() < 0.7:
+        return _oip_edit(body, rng)
     choice = rng.randrange(9)
     if choice == 0:
         return data.replace(b"3", b"NaN", 1) if b"3" in data else b'{"array": NaN}'
@@ -180,7 +231,7 @@ def _json_edit(data: bytes, rng: random.Random) -> bytes:
         at = rng.randrange(len(data))
         return data[:at] + bytes([rng.choice((0x80, 0xC3, 0xFF, 0xFE))]) + data[at:]
     if choice == 6:  # base64 of something other than an image
-        junk = rng.choice((b"hello world", b"%PDF-1.4\n" + b"\x00" * 64, b"\x89PNG\r\n\x1a\n" + bytes(40), b"GIF89a"))
+        junk = rng.choice(_NOT_IMAGES)
         return json.dumps({"image": base64.b64encode(junk).decode()}).encode()
     if choice == 7:  # instances that mix kinds
         image = body.get("image") or base64.b64encode(b"x").decode()
@@ -252,24 +303,19 @@ class FuzzReport:
 
 
 def run_decoder(cases: Sequence[Case], shape=(3, 32, 32), limits: Optional[object] = None) -> FuzzReport:
-    """Every case through :func:`decode_request` and :func:`split_instances` in-process."""
+    """Every case through :func:`robustdeq.serving.protocols.decode` (every protocol) in-process."""
     import torch
 
-    from .inputs import decode_request, read_body, split_instances
     from .options import Limits, RequestError
+    from .protocols import decode
 
     limits = limits or Limits()
     report = FuzzReport()
     for case in cases:
         t0 = time.perf_counter()
         try:
-            value = read_body(case.payload, case.content_type)
-            bodies = split_instances(value)
-            outputs = [
-                decode_request(b, case.content_type, shape, limits.max_image_side, limits.max_image_pixels)[0]
-                for b in ([value] if bodies is None else bodies)
-            ]
-            bad = [x for x in outputs if x is not None and not _valid_input(x, shape, torch)]
+            request = decode(case.payload, case.content_type, shape, limits.max_image_side, limits.max_image_pixels)
+            bad = [x for x in request.inputs if not _valid_input(x, shape, torch)]
             if bad:
                 report.failures.append(f"{case.kind}: decoded to an invalid input")
             status, reason = 200, "ok"

@@ -1,6 +1,7 @@
 """Request payloads to model inputs: images in [0, 1] of the model's input shape.
 
-Three forms are accepted:
+Three forms are accepted (KServe v1 ``instances`` are split here too; OIP v2 bodies are
+decoded by ``robustdeq.serving.oip``, and ``robustdeq.serving.protocols`` tells them apart):
 
 * raw image bytes (PNG, JPEG, or anything Pillow decodes), of any size and mode:
   converted to RGB and resized to the model's input (bilinear, antialiased);
@@ -61,6 +62,10 @@ __all__ = [
     "decode_request",
     "decode_image",
     "decode_array",
+    "decode_base64_image",
+    "split_instances",
+    "read_body",
+    "MAX_INSTANCES",
     "parse_json_body",
     "check_decoded_json",
     "IMAGE_CONTENT_TYPES",
@@ -171,9 +176,13 @@ def check_decoded_json(value: Any, depth: int = 0) -> None:
 
 def read_body(value: Any, content_type: Optional[str]) -> Any:
     """What TorchServe handed over -> the request value: raw JSON bytes are parsed strictly,
-    an already decoded JSON value is checked; anything else is returned unchanged."""
+    an already decoded JSON value is checked; anything else is returned unchanged. A body
+    without a content type that starts with ``{`` is JSON (no image format starts so; some
+    OIP clients send no content type)."""
     ctype = (content_type or "").split(";")[0].strip().lower()
-    if ctype == JSON_CONTENT_TYPE and isinstance(value, (bytes, bytearray)):
+    if isinstance(value, (bytes, bytearray)) and (
+        ctype == JSON_CONTENT_TYPE or (not ctype and bytes(value[:64]).lstrip().startswith(b"{"))
+    ):
         return parse_json_body(value)
     if isinstance(value, (Mapping, list)):
         check_decoded_json(value)
@@ -242,31 +251,53 @@ def decode_image(
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
-def decode_array(value: Any, shape: Tuple[int, int, int]) -> Tensor:
-    """A nested-list input of ``shape`` (or with a leading 1) with finite values in [0, 1]."""
+def decode_array(value: Any, shape: Tuple[int, ...], field: str = "'array'") -> Tensor:
+    """A nested-list input of ``shape`` (or with a leading 1) with finite values in [0, 1];
+    errors name ``field``."""
     try:
-        array = np.asarray(value, dtype=np.float32)
-    except (TypeError, ValueError):
-        raise RequestError(
-            400, "bad_array", f"'array' must be nested lists of numbers of shape {list(shape)}"
-        ) from None
+        with np.errstate(over="ignore"):  # a value beyond float32 becomes inf, refused below
+            array = np.asarray(value, dtype=np.float32)
+    except (TypeError, ValueError, OverflowError):
+        message = f"{field} must be nested lists of numbers of shape {list(shape)}"
+        raise RequestError(400, "bad_array", message) from None
     if array.ndim == len(shape) + 1 and array.shape[0] == 1:
         array = array[0]
     if tuple(array.shape) != tuple(shape):
+        dims = " (C x H x W)" if len(shape) == 3 else ""
         raise RequestError(
-            400, "bad_array_shape", f"'array' has shape {list(array.shape)}, expected {list(shape)} (C x H x W)"
+            400, "bad_array_shape", f"{field} has shape {list(array.shape)}, expected {list(shape)}{dims}"
         )
     if not np.isfinite(array).all():
-        raise RequestError(400, "non_finite", "'array' contains NaN or infinite values")
+        raise RequestError(400, "non_finite", f"{field} contains NaN or infinite values")
     lo, hi = float(array.min()), float(array.max())
     if lo < -1e-6 or hi > 1 + 1e-6:
         raise RequestError(
             400,
             "array_out_of_range",
-            f"'array' values span [{lo:.4g}, {hi:.4g}]; inputs are images scaled to [0, 1] "
+            f"{field} values span [{lo:.4g}, {hi:.4g}]; inputs are images scaled to [0, 1] "
             "(the model normalises per channel itself)",
         )
     return torch.from_numpy(array).clamp_(0.0, 1.0)
+
+
+def decode_base64_image(
+    encoded: Any,
+    shape: Tuple[int, int, int],
+    max_side: int = MAX_IMAGE_SIDE,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    field: str = "'image'",
+) -> Tensor:
+    """A base64 string of image bytes -> the model input (:func:`decode_image`); errors name ``field``."""
+    return decode_image(_base64_bytes(encoded, field), shape, max_side, max_pixels)
+
+
+def _base64_bytes(encoded: Any, field: str) -> bytes:
+    if not isinstance(encoded, str):
+        raise RequestError(400, "bad_json", f"{field} must be a base64 string")
+    try:
+        return base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(400, "bad_base64", f"{field} is not valid base64") from None
 
 
 def decode_request(
@@ -290,14 +321,7 @@ def decode_request(
         if ("image" in body) == ("array" in body):
             raise RequestError(400, "bad_json", "a JSON body needs exactly one of 'image' (base64) or 'array'")
         if "image" in body:
-            encoded = body["image"]
-            if not isinstance(encoded, str):
-                raise RequestError(400, "bad_json", "'image' must be a base64 string")
-            try:
-                data = base64.b64decode(encoded, validate=True)
-            except (binascii.Error, ValueError):
-                raise RequestError(400, "bad_base64", "'image' is not valid base64") from None
-            return decode_image(data, shape, max_side, max_pixels), body
+            return decode_base64_image(body["image"], shape, max_side, max_pixels), body
         return decode_array(body["array"], shape), body
     if content_type == JSON_CONTENT_TYPE:
         if isinstance(value, (bytes, bytearray)):
@@ -318,13 +342,33 @@ def decode_request(
 MAX_INSTANCES = 64
 
 
+def _binary_field(instance: Mapping[str, Any], where: str) -> Dict[str, Any]:
+    """TF-Serving's binary convention in a KServe v1 instance -> the project's ``image`` key:
+    ``{"b64": ...}`` itself, or one named field holding only ``{"b64": ...}``
+    (``{"image_bytes": {"b64": ...}}``). Other instances are returned unchanged."""
+    named = [k for k, v in instance.items() if isinstance(v, Mapping) and set(v) == {"b64"}]
+    fields = (["b64"] if "b64" in instance else []) + named
+    if not fields:
+        return dict(instance)
+    present = fields + [k for k in ("image", "array", "data") if k in instance and k not in fields]
+    if len(present) > 1:
+        raise RequestError(400, "bad_json", f"{where} holds more than one input: {present}")
+    body = {k: v for k, v in instance.items() if k != fields[0]}
+    encoded = instance["b64"] if fields[0] == "b64" else instance[fields[0]]["b64"]
+    label = f"{where}.b64" if fields[0] == "b64" else f"{where}.{fields[0]}.b64"
+    _base64_bytes(encoded, label)  # checked here so that the error names the field the client sent
+    body["image"] = encoded
+    return body
+
+
 def split_instances(value: Any, max_instances: int = MAX_INSTANCES) -> Optional[List[Dict[str, Any]]]:
     """The inputs of a KServe v1 body ``{"instances": [...]}``, each as a JSON request body; None
     for any other payload.
 
     An instance is a base64 image string, or an object with ``image`` (KServe's TorchServe
-    examples call it ``data``) or ``array`` and any request options. Keys beside ``instances``
-    are options shared by every instance; an instance's own keys win.
+    examples call it ``data``) or ``array`` and any request options, or TF-Serving's binary
+    convention: ``{"b64": ...}``, or a named field holding it (``{"image_bytes": {"b64": ...}}``).
+    Keys beside ``instances`` are options shared by every instance; an instance's own keys win.
     """
     if not isinstance(value, Mapping) or "instances" not in value:
         return None
@@ -340,7 +384,7 @@ def split_instances(value: Any, max_instances: int = MAX_INSTANCES) -> Optional[
             instance = {"image": instance}
         if not isinstance(instance, Mapping):
             raise RequestError(400, "bad_json", f"instances[{j}] must be a base64 string or an object")
-        body = {**shared, **instance}
+        body = {**shared, **_binary_field(instance, f"instances[{j}]")}
         if "data" in body and "image" not in body:
             body["image"] = body.pop("data")
         bodies.append(body)
