@@ -1,5 +1,5 @@
-"""The registry of evaluation families (robustdeq/evaluation/families.py): what it declares and
-the order a run takes the families in."""
+"""The registry of evaluation families (robustdeq/evaluation/families.py): what it declares, the
+order a run takes the families in, and the gradient-masking check that compares Square with them."""
 
 from __future__ import annotations
 
@@ -15,8 +15,11 @@ from robustdeq.evaluation.families import (
     single_job,
 )
 from robustdeq.evaluation.suite import EvalConfig, Evaluator
+from robustdeq.evaluation.undefended import undefended_jobs
 
 from .test_evaluation import SHIPPED, TINY
+
+SQUARE_CHECK = "Square alone is not stronger than the white-box worst case"
 
 
 def test_each_family_is_declared_once_and_the_lists_derive_from_it():
@@ -43,3 +46,21 @@ def test_a_run_takes_the_families_in_registry_order(tmp_path, monkeypatch, famil
     ev = Evaluator(str(SHIPPED), str(tmp_path), config, device="cpu", progress=False)
     ev.run()
     assert list(ev.jobs) == order
+
+
+def test_a_square_stronger_than_the_gradient_attacks_fails_the_masking_check(tmp_path, monkeypatch):
+    """Issue 30 §4.1: the check must compare Square with the white-box attacks without Square (the
+    worst case over every attack includes Square, so Square could never be stronger than it)."""
+
+    def masked(ctx, name):  # a gradient attack that finds nothing, as under a masked gradient
+        return ctx.x.clone()
+
+    monkeypatch.setitem(REGISTRY, "pgd", replace(REGISTRY["pgd"], jobs=undefended_jobs("pgd-ready", masked)))
+    config = EvalConfig(**{**TINY, "defenses": (), "families": ("pgd", "square", "checks")})
+    ev = Evaluator(str(SHIPPED), str(tmp_path), config, device="cpu", progress=False)
+    checks = ev.run()["checks"]
+    clean, square = ev.jobs["clean"]["acc"]["acc"], ev.jobs["square"]["acc"]["acc"]
+    assert ev.jobs["pgd-ready"]["acc"]["acc"] == clean  # the rigged attack broke nothing
+    assert square < clean  # Square broke images
+    assert checks["square_vs_white_box"] == {"square": square, "white_box_worst": clean}
+    assert checks["verdicts"][SQUARE_CHECK] is False

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ..attacks import ifgsm_steps
 from ..defense import DefenseSetting
+from ..stats import Proportion
 from .adaptive import UNROLL_BATCH, defended_surrogate_logits
 from .common import relative_deviation
 from .context import Job, proportion
@@ -21,7 +22,15 @@ from .surrogate import strongest_intermediate
 if TYPE_CHECKING:  # pragma: no cover
     from .context import EvaluationContext
 
-__all__ = ["analyses_jobs", "radii", "dynamics_analysis", "transfer_matrix", "tf_r_grid", "masking_checks"]
+__all__ = [
+    "analyses_jobs",
+    "radii",
+    "dynamics_analysis",
+    "transfer_matrix",
+    "tf_r_grid",
+    "masking_checks",
+    "white_box_worst_case",
+]
 
 
 def analyses_jobs(ctx: "EvaluationContext") -> Iterator[Job]:
@@ -157,7 +166,7 @@ def masking_checks(ctx: "EvaluationContext") -> dict:
         norms = ctx.map(grad_l1, ctx.x, idx, f"input gradient, {label}", UNROLL_BATCH)
         grads[label] = {"zero_fraction": float((norms == 0).float().mean()), "median_l1": float(norms.median())}
     out["input_gradients"] = grads
-    wb = ctx.jobs.get("transfer", {}).get("none", {}).get("acc")
+    wb = white_box_worst_case(ctx.jobs)
     sq = ctx.jobs.get("square", {}).get("acc", {}).get("acc")
     out["verdicts"] = {
         "accuracy falls to ~0 at the largest eps": sweep[list(sweep)[-1]] <= 0.05,
@@ -173,3 +182,16 @@ def masking_checks(ctx: "EvaluationContext") -> dict:
         if rec:
             out["verdicts"][f"Square flips no {d.name} survivor of the white-box attacks"] = rec["flipped"] == 0
     return out
+
+
+def white_box_worst_case(jobs: Dict[str, dict]) -> Optional[float]:
+    """The accuracy under the white-box attacks on the undefended model alone: the share of images
+    that clean inference and every attack job on the undefended model but Square's left correct
+    (each attack with the inputs it returned); None where no such attack ran. The check of
+    docs/design.md §6 compares Square with this, never with a worst case that includes Square."""
+    strings = [rec["correct"] for name, rec in jobs.items() if "P" in rec and name != "square"]
+    if not strings:
+        return None
+    clean = jobs["clean"]["correct"]
+    robust = [c == "1" and all(s[i] == "1" for s in strings) for i, c in enumerate(clean)]
+    return Proportion.of(sum(robust), len(robust)).value
