@@ -1,4 +1,4 @@
-"""Attacks that see the test-time defense (DESIGN.md §6; Croce et al. 2022's guidelines).
+"""Attacks that see the test-time defense (docs/design.md §6; Croce et al. 2022's guidelines).
 
 Algorithm 1 changes the input while the solver runs, so an attacker who differentiates
 only the undefended model is not adaptive. Every attack here differentiates a stand-in
@@ -31,7 +31,12 @@ from ..dynamics import damped_steps, prediction_entropy
 if TYPE_CHECKING:  # pragma: no cover
     from ..models.base import DEQModel
 
+# The full unroll keeps a second-order graph of all N / T_f * R entropy steps alive (about
+# 100 MB per image for deq-tiny at T_f = 2, R = 10), so it runs in batches of this size.
+UNROLL_BATCH = 25
+
 __all__ = [
+    "UNROLL_BATCH",
     "soft_sign",
     "readout_logits",
     "surrogate_logits",

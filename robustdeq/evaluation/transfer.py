@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Tuple
+from typing import TYPE_CHECKING, Iterator, Tuple
 
 import torch
 from torch import Tensor
@@ -23,6 +23,10 @@ from ..attacks import margin
 from ..stats import correct_string
 from .adaptive import readout_logits
 from .common import BestInput
+from .context import Job, proportion
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .context import EvaluationContext
 
 #: the key under which an evaluation keeps its own white-box best once it has received transfers
 WHITE_BOX_KEY = "none/white-box"
@@ -38,61 +42,65 @@ def parse_source(text: str) -> Tuple[str, str]:
     return label, folder
 
 
-class CrossModelTransfer:
-    """Mixin of :class:`~robustdeq.evaluation.suite.Evaluator`: one job per transfer source."""
+def cross_model_jobs(ctx: "EvaluationContext") -> Iterator[Job]:
+    """Family ``cross-model``: one job per source of ``config.transfer_from``."""
+    for label, folder in map(parse_source, ctx.config.transfer_from):
+        yield f"cross-model/{label}", lambda label=label, folder=folder: transfer_in(ctx, label, folder)
 
-    def _source_inputs(self, folder: str) -> Tuple[Tensor, dict]:
-        """This process's slice of the source's white-box best inputs, after checking that the
-        source evaluated the same images under the same threat model."""
-        path = Path(folder)
-        if not (path / "state.json").is_file():
-            raise FileNotFoundError(f"transfer source {folder}: no evaluation there (state.json missing)")
-        state = json.loads((path / "state.json").read_text())
-        ident = state["identity"]
-        if ident.get("shard"):
-            raise ValueError(f"transfer source {folder} is one shard; merge its shards first")
-        source_n = int(ident["config"]["n"])
-        if ident["subset_id"] != self.subset_id and not (
-            source_n >= self.config.n and self.subset_id_of(source_n) == ident["subset_id"]
-        ):
-            raise ValueError(f"transfer source {folder} evaluated other images (subset {ident['subset_id']}, "
-                             f"here {self.subset_id}): use the same --seed and --split, and an --n at least "
-                             "this one's (a larger evaluation of the same seed holds these images first)")  # fmt: skip
-        if abs(ident["config"]["eps"] - self.config.eps) > 1e-9:
-            raise ValueError(f"transfer source {folder} attacked at eps {ident['config']['eps']:.5f}, "
-                             f"here {self.config.eps:.5f}")  # fmt: skip
-        tensors = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-        key = WHITE_BOX_KEY if f"{WHITE_BOX_KEY}/x" in tensors else "none"
-        x_src = tensors[f"{key}/x"][self.offset : self.offset + self.n].float()
-        if float((x_src - self.x).abs().amax()) > self.config.eps + 1e-5:
-            raise ValueError(f"transfer source {folder}: its inputs leave the eps ball around these images")
-        meta = {"folder": str(path), "checkpoint_sha256": ident["checkpoint_sha256"], "source_key": key}
-        return x_src, meta
 
-    def _transfer_in(self, label: str, folder: str) -> dict:
-        """Score the source's inputs on the undefended model and on every defense (all images,
-        not only the survivors, so that each accuracy stands on its own); update the worst cases."""
-        x_src, meta = self._source_inputs(folder)
-        if WHITE_BOX_KEY not in self.best:  # this model's own white-box best, before any transfer
-            self.best[WHITE_BOX_KEY] = BestInput(self.best["none"].x, self.best["none"].margin)
-        name = f"cross-model/{label}"
+def source_inputs(ctx: "EvaluationContext", folder: str) -> Tuple[Tensor, dict]:
+    """This process's slice of the source's white-box best inputs, after checking that the
+    source evaluated the same images under the same threat model."""
+    path = Path(folder)
+    if not (path / "state.json").is_file():
+        raise FileNotFoundError(f"transfer source {folder}: no evaluation there (state.json missing)")
+    state = json.loads((path / "state.json").read_text())
+    ident = state["identity"]
+    if ident.get("shard"):
+        raise ValueError(f"transfer source {folder} is one shard; merge its shards first")
+    source_n = int(ident["config"]["n"])
+    if ident["subset_id"] != ctx.subset_id and not (
+        source_n >= ctx.config.n and ctx.subset_id_of(source_n) == ident["subset_id"]
+    ):
+        raise ValueError(f"transfer source {folder} evaluated other images (subset {ident['subset_id']}, "
+                         f"here {ctx.subset_id}): use the same --seed and --split, and an --n at least "
+                         "this one's (a larger evaluation of the same seed holds these images first)")  # fmt: skip
+    if abs(ident["config"]["eps"] - ctx.config.eps) > 1e-9:
+        raise ValueError(f"transfer source {folder} attacked at eps {ident['config']['eps']:.5f}, "
+                         f"here {ctx.config.eps:.5f}")  # fmt: skip
+    tensors = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    key = WHITE_BOX_KEY if f"{WHITE_BOX_KEY}/x" in tensors else "none"
+    x_src = tensors[f"{key}/x"][ctx.offset : ctx.offset + ctx.n].float()
+    if float((x_src - ctx.x).abs().amax()) > ctx.config.eps + 1e-5:
+        raise ValueError(f"transfer source {folder}: its inputs leave the eps ball around these images")
+    meta = {"folder": str(path), "checkpoint_sha256": ident["checkpoint_sha256"], "source_key": key}
+    return x_src, meta
 
-        def plain(chunk, x, y):
-            return margin(readout_logits(self.model, x), y)
 
-        m = self._map(plain, x_src, self._all(), f"{name} -> none")
-        self.best["none"].update(self._all(), x_src, m)
-        correct = m <= 0
-        out = {
-            "source": {"label": label, **meta},
-            "acc": self._prop(correct),
-            "correct": correct_string(correct.tolist()),
-            "worst_case_so_far": self._prop(self._robust(None)),
-            "defenses": {},
-        }
-        for d in self.defenses:
-            md = self._evaluate_candidates(d, x_src, self._all(), f"{name} -> {d.name}")
-            ok = md <= 0
-            out["defenses"][d.name] = {**self._prop(ok), "correct": correct_string(ok.tolist()),
-                                       "worst_case_so_far": self._prop(self._robust(d))}  # fmt: skip
-        return out
+def transfer_in(ctx: "EvaluationContext", label: str, folder: str) -> dict:
+    """Score the source's inputs on the undefended model and on every defense (all images,
+    not only the survivors, so that each accuracy stands on its own); update the worst cases."""
+    x_src, meta = source_inputs(ctx, folder)
+    if WHITE_BOX_KEY not in ctx.best:  # this model's own white-box best, before any transfer
+        ctx.best[WHITE_BOX_KEY] = BestInput(ctx.best["none"].x, ctx.best["none"].margin)
+    name = f"cross-model/{label}"
+
+    def plain(chunk, x, y):
+        return margin(readout_logits(ctx.model, x), y)
+
+    m = ctx.map(plain, x_src, ctx.all_images(), f"{name} -> none")
+    ctx.best["none"].update(ctx.all_images(), x_src, m)
+    correct = m <= 0
+    out = {
+        "source": {"label": label, **meta},
+        "acc": proportion(correct),
+        "correct": correct_string(correct.tolist()),
+        "worst_case_so_far": proportion(ctx.robust(None)),
+        "defenses": {},
+    }
+    for d in ctx.defenses:
+        md = ctx.evaluate_candidates(d, x_src, ctx.all_images(), f"{name} -> {d.name}")
+        ok = md <= 0
+        out["defenses"][d.name] = {**proportion(ok), "correct": correct_string(ok.tolist()),
+                                   "worst_case_so_far": proportion(ctx.robust(d))}  # fmt: skip
+    return out
