@@ -217,7 +217,7 @@ def damped_steps(model: "DynamicalModel", w: Tensor, u: Tensor, steps: int, lam:
 
 def damped_unroll(model: "DynamicalModel", z: Tensor, u: Tensor, k_steps: int, tau: float) -> Tensor:
     """Phantom-gradient unroll from a detached state: w0 = f(z), then K damped steps
-    w <- (1 - tau) w + tau f(w) (DESIGN.md §4, K = 5, tau = 0.5): K + 1 applications of f."""
+    w <- (1 - tau) w + tau f(w) (docs/design.md §4, K = 5, tau = 0.5): K + 1 applications of f."""
     if k_steps < 0:
         raise ValueError(f"unroll steps must be >= 0, got {k_steps}")
     return damped_steps(model, model.cell(z.detach(), u), u, k_steps, tau)
@@ -239,7 +239,7 @@ def phantom_forward(
     solver: Optional[_solvers.Solver] = None,
 ) -> PhantomOutput:
     """Solve ``n_steps`` without gradient, then a differentiable damped unroll
-    (phantom gradient, DESIGN.md §4: w0 = f(z*), K = ``unroll`` steps of size ``tau``).
+    (phantom gradient, docs/design.md §4: w0 = f(z*), K = ``unroll`` steps of size ``tau``).
 
     This is the gradient training uses and therefore the "ready-made" attack gradient.
     Passing ``n_steps = n`` with n drawn from U{1..N} gives paper 1's loss on a random

@@ -2,7 +2,7 @@
 
 All solvers work on flat, batch-first states ``z`` of shape ``[B, D]`` and treat every
 sample independently: residuals, step sizes, memories and stopping are per sample, so
-one sample can never change another sample's answer (DESIGN.md §2).
+one sample can never change another sample's answer (docs/design.md §2).
 
 A solver step is split in two so that the entropy-reduction defense (paper 1,
 Algorithm 1) can redo a step with a new input:

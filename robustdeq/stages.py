@@ -1,4 +1,4 @@
-"""Optional wall-clock timing of the stages of inference (the cost model of DESIGN.md §3).
+"""Optional wall-clock timing of the stages of inference (the cost model of docs/design.md §3).
 
 The library marks its stages with ``with stage("solve"): ...``. With no timer active (the
 normal case) a marker costs one context-variable lookup. ``robustdeq bench`` activates a

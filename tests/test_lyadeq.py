@@ -82,7 +82,7 @@ def test_orthogonal_fc_is_orthogonal():
 
 @pytest.mark.slow
 def test_lyadeq_predictions_are_not_constant(cifar_train, cifar_test):
-    """The collapse trap (DESIGN.md §5) would give one prediction for every input."""
+    """The collapse trap (docs/design.md §5) would give one prediction for every input."""
     torch.manual_seed(0)
     from robustdeq.training import train_clean
 

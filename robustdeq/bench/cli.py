@@ -15,7 +15,7 @@ In-process speed benchmark (one process, medians over repeats):
   * plain inference per batch size, eager PyTorch and ONNX Runtime (the serving fast path);
   * the entropy-reduction defense (paper 1, Algorithm 1) over the T_f x R grid of paper 1
     Table 10, with slowdown vs plain and measured / operation-count floor, where
-    floor = N t_f + floor(N / T_f) R t_step (DESIGN.md section 3);
+    floor = N t_f + floor(N / T_f) R t_step (docs/design.md §3);
   * per-stage time (stem, solve, defense, head) of plain inference and of --stages settings;
   * the entropy-gated defense with the robustness card's gate on clean and PGD-10 inputs:
     trigger rates, cost vs plain at the largest batch size, the card's robust accuracy

@@ -1,4 +1,4 @@
-"""The entropy-gated defense (DESIGN.md §3): Algorithm 1 of paper 1 only for inputs whose
+"""The entropy-gated defense (docs/design.md §3): Algorithm 1 of paper 1 only for inputs whose
 plain entropy at the gate state exceeds the robustness card's threshold.
 
 Measured here: how often the gate triggers on clean test images and on ready-made PGD-10

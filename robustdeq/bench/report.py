@@ -73,7 +73,7 @@ def _plain_table(r: Dict[str, Any]) -> List[str]:
 def _units_table(r: Dict[str, Any]) -> List[str]:
     lines = [
         "",
-        "## Unit costs of the floor (DESIGN.md §3)",
+        "## Unit costs of the floor (docs/design.md §3)",
         "",
         "floor(T_f, R) = N t_f + floor(N / T_f) R t_step; t_f: one forward of f; t_step: one entropy-gradient "
         "step of Eq. 8 (inject + f + head forward, backward to the input).",

@@ -1,7 +1,7 @@
 """The benchmark's speed targets, checked and reported honestly (PASS, FAIL or SKIP with why).
 
 (a) the ungated defense at T_f = 2, R = 10, batch 64 runs within 1.15x of its
-    operation-count floor (DESIGN.md §3);
+    operation-count floor (docs/design.md §3);
 (b) the entropy-gated defense costs <= 2x plain inference on clean inputs, triggers on
     >= 90% of PGD-10 inputs, and its adaptive robust accuracy (robustness card) is within
     1 point of the ungated defense's;

@@ -1,7 +1,7 @@
 """Timing primitives: interleaved medians, the unit costs and the operation-count floor of
-Algorithm 1 (DESIGN.md §3), and per-stage breakdowns of real library calls.
+Algorithm 1 (docs/design.md §3), and per-stage breakdowns of real library calls.
 
-Floor of the defense for one batch (paper 1, Algorithm 1; DESIGN.md §3):
+Floor of the defense for one batch (paper 1, Algorithm 1; docs/design.md §3):
 
     floor(T_f, R) = N * t_f  +  floor(N / T_f) * R * t_step
 
@@ -78,7 +78,7 @@ def median_time(fn: Callable[[], object], repeats: int, min_sample_s: float = MI
 
 
 def operation_floor(n_steps: int, T_f: int, R: int, t_f: float, t_step: float) -> float:
-    """DESIGN.md §3: N forwards of f plus floor(N / T_f) * R entropy-gradient steps."""
+    """docs/design.md §3: N forwards of f plus floor(N / T_f) * R entropy-gradient steps."""
     return n_steps * t_f + (n_steps // T_f) * R * t_step
 
 

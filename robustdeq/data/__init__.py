@@ -198,7 +198,7 @@ def load_cifar10(
 
 def train_val_split(train: Split, val_size: int, seed: int = 0) -> Tuple[Split, Split, Tensor]:
     """Carve a class-stratified validation split of ``val_size`` images out of the
-    training set (model selection never looks at the test set, DESIGN.md §4).
+    training set (model selection never looks at the test set, docs/design.md §4).
 
     Deterministic in ``seed``; returns (train, val, val_indices). The validation images come
     in shuffled order, so any prefix of them is close to class-balanced.

@@ -1,5 +1,5 @@
 """Robustness evaluation: ready-made accuracy along the dynamics (used by training), and the
-full adaptive evaluation behind ``robustdeq evaluate`` (DESIGN.md §6)."""
+full adaptive evaluation behind ``robustdeq evaluate`` (docs/design.md §6)."""
 
 from .ready_made import (
     StateAccuracy,

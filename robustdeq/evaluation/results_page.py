@@ -597,7 +597,9 @@ def _transfer(L: List[str], results: Dict[str, Optional[dict]]) -> None:
 
 def _checks(L: List[str], results: Dict[str, Optional[dict]]) -> None:
     L.append("\n## Gradient-masking checks\n")
-    L.append("DESIGN.md §6, run by `robustdeq evaluate --attacks checks` on the first 200 images of each evaluation.\n")
+    L.append(
+        "docs/design.md §6, run by `robustdeq evaluate --attacks checks` on the first 200 images of each evaluation.\n"
+    )
     for m in MODELS:
         r = results[m.recipe]
         if r is None:

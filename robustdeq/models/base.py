@@ -15,7 +15,7 @@ from .blocks import CIFAR10_MEAN, CIFAR10_STD, Normalize
 
 
 class DEQModel(nn.Module):
-    """A deep equilibrium classifier split into its three parts (DESIGN.md §2):
+    """A deep equilibrium classifier split into its three parts (docs/design.md §2):
 
     * ``inject(x) -> u``: the input injection, computed once per input;
     * ``cell(z, u) -> z'``: the map f(z; u) whose fixed point is sought, on flat [B, D] states;

@@ -3,7 +3,7 @@
 Feature extractor -> DEQ layer (paper 2, Eq. 11) solved by Anderson -> Lyapunov stability
 module -> orthogonal FC -> classifier.
 
-Design choice (DESIGN.md §5, the collapse trap): the projected dynamics F_hat are NOT
+Design choice (docs/design.md §5, the collapse trap): the projected dynamics F_hat are NOT
 used inside the fixed-point iteration (with V's minimum at 0 the only fixed point would
 be z = 0 for every input). The solver runs the plain DEQ layer; the stability module is
 part of the head: from a state z it takes ``stability_steps`` explicit steps

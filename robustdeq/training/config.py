@@ -1,6 +1,6 @@
 """Training configuration: YAML files under ``training/configs/`` plus ``--set key=value``.
 
-Every field has a default that follows paper 1 Appendix A (DESIGN.md §4); a config file
+Every field has a default that follows paper 1 Appendix A (docs/design.md §4); a config file
 only states what differs. Unknown keys are errors (a typo must not silently train the
 wrong recipe). Numbers may be written as fractions, e.g. ``eps: 8/255``.
 """

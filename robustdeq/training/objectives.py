@@ -1,6 +1,6 @@
 """Training objectives: clean, PGD-AT (Madry et al.) and TRADES (Zhang et al.), each
 optionally on a random intermediate state (paper 1 Sec. 3.3), with the phantom gradient
-and Jacobian regularisation (paper 1 Appendix A, DESIGN.md §4).
+and Jacobian regularisation (paper 1 Appendix A, docs/design.md §4).
 
 One training step is split in two so that DistributedDataParallel sees a module call:
 
