@@ -155,7 +155,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from .runtime import tune_cpu_allocator
+    from .allocator import tune_cpu_allocator
 
     tune_cpu_allocator()
     try:

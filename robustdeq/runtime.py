@@ -1,48 +1,6 @@
-"""Process-level settings for CPU inference and training, and finding console scripts."""
+"""Old path, kept for one release: :mod:`robustdeq.allocator` and :mod:`robustdeq.executables`."""
 
-from __future__ import annotations
+from .allocator import tune_cpu_allocator
+from .executables import find_executable
 
-import ctypes
-import ctypes.util
-import shutil
-import sys
-from pathlib import Path
-
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-_done = False
-
-
-def tune_cpu_allocator(threshold_bytes: int = 1 << 30) -> bool:
-    """Keep freed memory in glibc's heap instead of returning it to the OS.
-
-    A solver keeps every iterate alive, so each step allocates fresh multi-megabyte
-    tensors; with glibc's defaults those come from new ``mmap`` pages and every first
-    touch is a page fault. Raising the mmap and trim thresholds lets later allocations
-    reuse warm memory (measured here: a deq-tiny Broyden solve at batch 64 went from
-    about 70 ms to about 45 ms). Returns whether the setting was applied (glibc only).
-    """
-    global _done
-    if _done:
-        return True
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, threshold_bytes) == 1
-        ok &= libc.mallopt(_M_TRIM_THRESHOLD, threshold_bytes) == 1
-    except (OSError, AttributeError):
-        return False
-    _done = ok
-    return ok
-
-
-def find_executable(name: str, install_hint: str) -> str:
-    """A console script of this environment (beside the interpreter), else one on PATH."""
-    beside = Path(sys.executable).parent / name
-    if beside.is_file():
-        return str(beside)
-    found = shutil.which(name)
-    if not found:
-        raise FileNotFoundError(f"{name} is not installed ({install_hint})")
-    return found
+__all__ = ["tune_cpu_allocator", "find_executable"]

@@ -250,16 +250,6 @@ class Broyden(Solver):
         coeff = torch.bmm(x.unsqueeze(1), Q.transpose(1, 2))  # [B, 1, m]
         return torch.bmm(coeff, P).squeeze(1)
 
-    @classmethod
-    def _apply(cls, U: Tensor, V: Tensor, x: Tensor) -> Tensor:
-        """``B x = -x + sum_i u_i (v_i . x)``."""
-        return cls._low_rank(U, V, x) - x
-
-    @classmethod
-    def _apply_transposed(cls, U: Tensor, V: Tensor, x: Tensor) -> Tensor:
-        """``B^T x = -x + sum_i v_i (u_i . x)``."""
-        return cls._low_rank(V, U, x) - x
-
     def propose(self, state: SolverState) -> Tensor:
         B = state.z.shape[0]
         z, g = state.z.reshape(B, -1), state.g.reshape(B, -1)

@@ -27,7 +27,7 @@ import yaml
 from kubernetes_validate.utils import schema_contents
 from referencing import Registry, Resource
 
-from robustdeq.runtime import find_executable
+from robustdeq.executables import find_executable
 from robustdeq.serving.archive import DEFAULT_STORE, LANE_DEFAULTS, archive_name
 from robustdeq.serving.kserve import (
     COMMITTED_CONFIG,

@@ -15,8 +15,8 @@ from ..attacks import ifgsm_steps
 from ..defense import DefenseSetting
 from ..stats import Proportion
 from .adaptive import UNROLL_BATCH, defended_surrogate_logits
-from .common import relative_deviation
 from .context import Job, proportion
+from .measures import relative_deviation
 from .surrogate import strongest_intermediate
 
 if TYPE_CHECKING:  # pragma: no cover

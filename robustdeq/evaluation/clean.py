@@ -10,7 +10,7 @@ import torch
 
 from ..attacks import margin
 from ..stats import correct_string
-from .common import BestInput
+from .best_input import BestInput
 from .context import proportion
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -160,8 +160,8 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
 def run_evaluate(args: argparse.Namespace) -> int:
     import torch
 
+    from ..allocator import tune_cpu_allocator
     from ..number_parsing import parse_number
-    from ..runtime import tune_cpu_allocator
     from .report import write_outputs
     from .shards import Shard
     from .suite import Evaluator

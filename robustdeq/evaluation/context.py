@@ -27,8 +27,10 @@ from ..defense import DefenseSetting
 from ..dynamics import phantom_forward
 from ..stats import Proportion
 from .adaptive import defended_logits, readout_logits
-from .common import BestInput, median_ratio, per_sample_ce, seed_of
+from .best_input import BestInput
+from .job_ids import seed_of
 from .job_store import STATE_FORMAT, JobStore
+from .measures import median_ratio, per_sample_ce
 from .shards import Shard
 
 #: one job of a family: its name and the function that makes its record

@@ -12,8 +12,8 @@ from ..attacks import margin, straight_through
 from ..defense import DefenseSetting
 from ..stats import correct_string
 from .adaptive import UNROLL_BATCH, defended_logits, defended_surrogate_logits, gate_aware_loss
-from .common import per_sample_ce
 from .context import Job, proportion
+from .measures import per_sample_ce
 from .surrogate import strongest_intermediate
 
 if TYPE_CHECKING:  # pragma: no cover

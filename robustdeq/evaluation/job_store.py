@@ -15,7 +15,8 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from .common import BestInput, utc_now
+from .best_input import BestInput
+from .job_ids import utc_now
 
 STATE_FORMAT = 2  # 2: surrogate chosen on validation, block-aligned batches, shards
 

@@ -12,8 +12,8 @@ from ..card import CARD_FILE, setting_name, validate_card
 from ..card import SCHEMA_ID as CARD_SCHEMA_ID
 from ..card import SCHEMA_PATH as CARD_SCHEMA_PATH
 from ..stats import Proportion
-from .common import utc_now
 from .coverage import attack_coverage, attacks_with_results, format_coverage
+from .job_ids import utc_now
 
 
 class FinishedEvaluation(Protocol):

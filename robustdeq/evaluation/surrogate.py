@@ -11,7 +11,8 @@ import torch
 
 from ..attacks import IntermediateAttack, intermediate_grid
 from .adaptive import readout_logits
-from .common import per_sample_ce, seed_of
+from .job_ids import seed_of
+from .measures import per_sample_ce
 
 if TYPE_CHECKING:  # pragma: no cover
     from .context import EvaluationContext

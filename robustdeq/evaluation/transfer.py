@@ -22,7 +22,7 @@ from torch import Tensor
 from ..attacks import margin
 from ..stats import correct_string
 from .adaptive import readout_logits
-from .common import BestInput
+from .best_input import BestInput
 from .context import Job, proportion
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -31,9 +31,9 @@ from .. import __version__
 from ..card import CARD_FILE, card_for_checkpoint, load_card
 from ..checkpoint import file_sha256, load_checkpoint
 from ..data import CLASSES, PROJECT_ROOT
+from ..executables import find_executable
 from ..export import export_onnx
 from ..project_paths import MODEL_STORE
-from ..runtime import find_executable
 from .options import Limits
 
 DEFAULT_HANDLER = PROJECT_ROOT / "handlers" / "robustdeq_handler.py"

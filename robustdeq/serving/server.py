@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from ..data import PROJECT_ROOT
-from ..runtime import find_executable
+from ..executables import find_executable
 from .archive import DEFAULT_STORE, archive_name
 from .runfolder import (
     DEFAULT_MODELS,
