@@ -191,3 +191,27 @@ def test_the_augmentation_padding_scales_with_the_image():
     # zero padding shows where the crop moved: up to 8 pixels at 64x64, more than 32x32's 4
     zero_cols = (shifted.sum((1, 2)) == 0).sum(1)
     assert zero_cols.max() > 4 and zero_cols.max() <= 8
+
+
+def test_the_server_applies_the_same_size_policy_and_names_the_models_classes(tmp_path):
+    from robustdeq import create_model
+    from robustdeq.checkpoint import Checkpoint, save_checkpoint
+    from robustdeq.serving.engine import InferenceEngine
+    from robustdeq.serving.inputs import decode_image
+    from robustdeq.serving.options import parse_options
+
+    wide = np.zeros((50, 150, 3), np.uint8)
+    wide[:, 50:100] = (0, 255, 0)  # only the centre third is green
+    served = decode_image(_png(wide), (3, 64, 64))
+    trained = torch.from_numpy(np.asarray(fit_image(Image.fromarray(wide), 64)).copy()).permute(2, 0, 1).float() / 255
+    assert torch.equal(served, trained)  # the server sees what training saw
+    model = create_model("deq-tiny", num_classes=3, input_size=64, class_names=list(KEEP))
+    path = tmp_path / "m.pt"
+    save_checkpoint(Checkpoint(model_name="deq-tiny", model_config=model.config(), state_dict=model.state_dict()), path)
+    from robustdeq.checkpoint import load_checkpoint
+
+    engine = InferenceEngine(load_checkpoint(path))
+    options = parse_options({}, {}, engine.limits, engine.n_steps, engine.default_state)
+    answers, _ = engine.predict(served.unsqueeze(0), [options])
+    assert engine.input_shape == (3, 64, 64) and answers[0]["label"] in KEEP
+    assert {p["label"] for p in answers[0]["top_k"]} <= set(KEEP)

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..image_size import fit_to
 from . import Split, cache_dir, fingerprint
 
 __all__ = [
@@ -65,17 +66,8 @@ class DatasetError(ValueError):
 
 
 def fit_image(img, size: int):
-    """The input-size policy: RGB, shorter side to ``size`` (bilinear, antialiased), centre crop."""
-    from PIL import Image
-
-    img = img.convert("RGB")
-    w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=None)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return img.crop((left, top, left + size, top + size))
+    """The input-size policy (:func:`robustdeq.image_size.fit_to`) on an RGB copy of ``img``."""
+    return fit_to(img.convert("RGB"), size, size)
 
 
 def decode_file(path: os.PathLike, size: int) -> np.ndarray:

@@ -30,7 +30,7 @@ import yaml
 from .. import __version__
 from ..card import CARD_FILE, card_for_checkpoint, load_card
 from ..checkpoint import file_sha256, load_checkpoint
-from ..data import CLASSES, PROJECT_ROOT
+from ..data import PROJECT_ROOT
 from ..executables import find_executable
 from ..export import export_onnx
 from ..project_paths import MODEL_STORE
@@ -177,7 +177,7 @@ def build_archives(
         with tempfile.TemporaryDirectory(prefix="robustdeq-archive-") as tmp:
             tmp = Path(tmp)
             shutil.copyfile(checkpoint, tmp / "model.pt")
-            labels = {str(i): label for i, label in enumerate(CLASSES)}
+            labels = {str(i): label for i, label in enumerate(model.class_names)}  # the checkpoint's classes
             (tmp / "index_to_name.json").write_text(json.dumps(labels, indent=1) + "\n")
             extra = [tmp / "index_to_name.json"]
             if card_path is not None:

@@ -29,7 +29,6 @@ from torch import Tensor
 from .. import __version__
 from ..card import CARD_FILE, find_setting, gate_from_card, load_card, setting_name
 from ..checkpoint import Checkpoint, load_checkpoint
-from ..data import CLASSES
 from ..defense import gated_entropy_reduction
 from ..defense_defaults import DEFAULT_BETA, DEFAULT_EPS
 from ..dynamics import run_dynamics
@@ -68,7 +67,7 @@ class InferenceEngine:
         limits: Optional[Limits] = None,
         device: str = "cpu",
         name: Optional[str] = None,
-        labels: Sequence[str] = CLASSES,
+        labels: Optional[Sequence[str]] = None,
         onnx_session=None,
     ):
         self.device = torch.device(device)
@@ -76,7 +75,7 @@ class InferenceEngine:
         self.name = name or checkpoint.model_name
         self.card = card
         self.limits = limits or Limits()
-        self.labels = list(labels)
+        self.labels = list(labels) if labels is not None else list(self.model.class_names)
         self.n_steps = self.model.n_steps
         self.default_state = self.model.readout_index()
         self.gate = gate_from_card(card)

@@ -4,7 +4,8 @@ Three forms are accepted (KServe v1 ``instances`` are split here too; OIP v2 bod
 decoded by ``robustdeq.serving.oip``, and ``robustdeq.serving.protocols`` tells them apart):
 
 * raw image bytes (PNG, JPEG, or anything Pillow decodes), of any size and mode:
-  converted to RGB and resized to the model's input (bilinear, antialiased);
+  converted to RGB, scaled to cover the model's input and centre-cropped
+  (:func:`robustdeq.image_size.fit_to`, the policy training on your own images uses);
 * a JSON object with ``"image"``: the same bytes, base64-encoded;
 * a JSON object with ``"array"``: an already-prepared input, nested lists of shape
   C x H x W (or 1 x C x H x W) with values in [0, 1]. The models normalise per channel
@@ -41,6 +42,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
+from ..image_size import fit_to
 from .options import RequestError
 
 IMAGE_CONTENT_TYPES = ("image/", "application/octet-stream")
@@ -231,9 +233,7 @@ def decode_image(
             with Image.open(io.BytesIO(data)) as img:
                 _check_header(img, max_side, max_pixels)
                 img.load()
-                img = _to_8bit(img, "RGB" if channels == 3 else "L")
-                if img.size != (width, height):
-                    img = img.resize((width, height), Image.BILINEAR, reducing_gap=None)
+                img = fit_to(_to_8bit(img, "RGB" if channels == 3 else "L"), width, height)
                 array = np.asarray(img, dtype=np.uint8)
     except RequestError:
         raise
