@@ -316,6 +316,11 @@ class StreamingSplit:
         digest = hashlib.sha256("\n".join(files).encode() + self.fingerprint.encode()).hexdigest()[:16]
         return StreamingSplit(str(self.root), files, self.labels[idx], self.size, source or self.source, digest)
 
+    def materialise(self) -> Split:
+        """This split decoded into memory (a :class:`Split`)."""
+        images = self.images
+        return Split(images, self.labels, self.source, fingerprint(images, self.labels))
+
     def batches(self, index_batches: Sequence[Tensor], workers: int = 0) -> Iterator[Tuple[Tensor, Tensor]]:
         """(uint8 images, labels) per index batch, decoded ahead by ``workers`` processes."""
         if not workers:

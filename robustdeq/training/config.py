@@ -14,6 +14,7 @@ from typing import Any, Dict, Iterable, List, Optional, Union
 
 import yaml
 
+from ..data.run_splits import IMAGEFOLDER  # data.source of your own images
 from ..number_parsing import parse_number  # its home; re-exported here for old imports
 from ..readout import READOUT_RULES
 
@@ -50,12 +51,24 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    source: Optional[str] = None  # JPEG archive, cifar-10-batches-py folder, "torchvision"; None = default
-    val_size: int = 5000  # carved from the training set, class-stratified
+    # CIFAR-10: a JPEG archive, a cifar-10-batches-py folder or "torchvision" (None = the default archive);
+    # "imagefolder": your own images under data.root (robustdeq/data/image_folder.py)
+    source: Optional[str] = None
+    val_size: int = 5000  # CIFAR-10: carved from the training set, class-stratified
     split_seed: int = 0
-    augment: bool = True  # random crop (padding 4) + horizontal flip
+    augment: bool = True  # random crop (padding: an eighth of the side) + horizontal flip
     epoch_size: Optional[int] = None  # samples per epoch; None = one full pass
     train_subset: Optional[int] = None  # train on the first K training images only (tests, debugging)
+    # ---- data.source = imagefolder ----
+    root: Optional[str] = None  # train/ [val/] [test/] class folders, or class folders split by seed
+    input_size: int = 32  # images are scaled to cover it and centre-cropped (robustdeq/image_size.py)
+    val_fraction: float = 0.1  # held out from train when there is no val/ folder (stratified)
+    test_fraction: float = 0.1  # held out when the root holds class folders directly
+    on_bad_file: str = "skip"  # skip (listed in the log and summary) | fail
+    mean: Optional[List[float]] = None  # per-channel statistics; None = computed on the training split
+    std: Optional[List[float]] = None
+    workers: int = 0  # processes decoding images (indexing, and batches of a streaming split)
+    in_memory_mb: float = 2048  # a split whose pixels fit this is decoded once and kept in memory
 
 
 @dataclass
@@ -227,8 +240,30 @@ class TrainConfig:
             problems.append(f"data.train_subset ({self.data.train_subset}) is smaller than one batch")
         if self.data.epoch_size is not None and self.data.epoch_size < self.optim.batch_size:
             problems.append(f"data.epoch_size ({self.data.epoch_size}) is smaller than one batch")
+        problems += self._data_problems()
         if problems:
             raise ValueError("invalid training config:\n  " + "\n  ".join(problems))
+
+    def _data_problems(self) -> List[str]:
+        d, problems = self.data, []
+        if d.source == IMAGEFOLDER:
+            if not d.root:
+                problems.append("data.root must name the image folder when data.source is imagefolder")
+            if not 8 <= d.input_size <= 1024:
+                problems.append(f"data.input_size must be between 8 and 1024 pixels, got {d.input_size}")
+            if d.on_bad_file not in ("skip", "fail"):
+                problems.append(f"data.on_bad_file must be one of skip, fail, got {d.on_bad_file!r}")
+            if not (0 <= d.val_fraction < 1 and 0 <= d.test_fraction < 1 and d.val_fraction + d.test_fraction < 1):
+                problems.append("data.val_fraction and data.test_fraction must be in [0, 1) and sum to less than 1")
+            for key in ("mean", "std"):
+                v = getattr(d, key)
+                if v is not None and (len(v) != 3 or (key == "std" and min(v) <= 0)):
+                    problems.append(f"data.{key} must hold 3 per-channel values" + (" > 0" if key == "std" else ""))
+            if d.workers < 0:
+                problems.append(f"data.workers must be >= 0, got {d.workers}")
+        elif d.root is not None or d.input_size != 32:
+            problems.append("data.root and data.input_size apply to data.source=imagefolder (CIFAR-10 is 32x32)")
+        return problems
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:

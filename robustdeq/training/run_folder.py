@@ -33,7 +33,9 @@ from .config import TrainConfig, config_diff
 __all__ = ["RunFolder", "RunClock", "RESUMABLE_CHANGES"]
 
 #: config sections that may change when a run is resumed (they do not alter the steps already taken)
-RESUMABLE_CHANGES = ("optim.epochs", "run.", "validation.", "data.source", "description")
+RESUMABLE_CHANGES = (
+    "optim.epochs", "run.", "validation.", "data.source", "data.workers", "data.in_memory_mb", "description",
+)  # fmt: skip
 
 #: what ``--restart`` removes
 RUN_FILES = ("last.pt", "model.pt", "log.jsonl", "epochs.csv", "curves.png", "summary.json")

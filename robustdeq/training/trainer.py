@@ -29,6 +29,7 @@ from torch import Tensor
 from .. import __version__
 from ..checkpoint import Checkpoint, CheckpointError
 from ..data import Split, augment, batches_per_epoch, epoch_batches, load_cifar10, train_val_split
+from ..data.run_splits import IMAGEFOLDER
 from ..models import create_model
 from ..readout import choose_readout_state
 from ..state_accuracy import state_accuracies
@@ -60,8 +61,11 @@ def _seed(*parts: int) -> int:
 
 
 def training_data(cfg: TrainConfig, progress: bool) -> Tuple[Split, Split, Dict[str, Any]]:
-    """The training images, the held-out validation split carved from them, and the record of
-    both that checkpoints keep (model selection never looks at the test set)."""
+    """The training images, the held-out validation split, and the record of both that
+    checkpoints keep (model selection never looks at the test set). CIFAR-10 carves the
+    validation split from its training set; an image folder brings its own or has one carved."""
+    if cfg.data.source == IMAGEFOLDER:
+        return _image_folder_data(cfg, progress)
     full = load_cifar10("train", cfg.data.source, progress=progress)
     train, val, _ = train_val_split(full, cfg.data.val_size, cfg.data.split_seed)
     if cfg.data.train_subset is not None:
@@ -76,6 +80,48 @@ def training_data(cfg: TrainConfig, progress: bool) -> Tuple[Split, Split, Dict[
         "val_fingerprint": val.fingerprint,
     }
     return train, val, record
+
+
+def _image_folder_data(cfg: TrainConfig, progress: bool):
+    """:func:`training_data` for ``data.source = imagefolder`` (robustdeq/data/image_folder.py)."""
+    from ..data.image_folder import load_image_folder
+    from ..data.run_splits import image_folder_train_val, materialised
+
+    d = cfg.data
+    data = load_image_folder(
+        d.root, d.input_size, d.val_fraction, d.test_fraction, d.split_seed, d.on_bad_file, d.in_memory_mb,
+        d.workers, progress,
+    )  # fmt: skip
+    train, val = image_folder_train_val(data, d.val_fraction, d.split_seed)
+    val_n = max(cfg.validation.n_clean, cfg.validation.n_robust, cfg.validation.selection_n)
+    val = materialised(val, torch.arange(min(val_n, len(val))))  # validation reads its images at once
+    if d.train_subset is not None:
+        train = train.subset(torch.arange(min(d.train_subset, len(train))))
+    record = {
+        **data.record(),
+        "mean": list(d.mean) if d.mean else list(data.index.mean),
+        "std": list(d.std) if d.std else list(data.index.std),
+        "train_fingerprint": data.index.fingerprints["train"],
+        "split_seed": d.split_seed,
+        "val_fraction": d.val_fraction,
+        "test_fraction": d.test_fraction,
+        "val_fingerprint": val.fingerprint,
+        "bad_file_paths": [b["path"] for b in data.index.bad_files],
+    }
+    return train, val, record
+
+
+def model_overrides_for(record: Dict[str, Any]) -> Dict[str, Any]:
+    """What a model must know of its data beyond CIFAR-10: classes, input size, statistics."""
+    if record.get("dataset") != IMAGEFOLDER:
+        return {}
+    return {
+        "num_classes": len(record["classes"]),
+        "class_names": list(record["classes"]),
+        "input_size": int(record["input_size"]),
+        "mean": list(record["mean"]),
+        "std": list(record["std"]),
+    }
 
 
 class Trainer:
@@ -110,7 +156,8 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * cfg.optim.epochs
 
         torch.manual_seed(cfg.run.seed)
-        self.model = create_model(cfg.model.name, **cfg.model.overrides).to(self.device)
+        overrides = {**model_overrides_for(self.data_record), **cfg.model.overrides}
+        self.model = create_model(cfg.model.name, **overrides).to(self.device)
         self.objective = Objective(cfg.objective, cfg.attack, cfg.pretrain.depth)
         self.module = ObjectiveModule(self.model, self.objective)
         self.optimizer = build_optimizer(cfg.optim, self.model.parameters())
@@ -211,10 +258,12 @@ class Trainer:
         )
 
     # ---- the loop ------------------------------------------------------------------------
-    def _batch(self, index: Tensor) -> tuple:
+    def _batch(self, index: Tensor, decoded: Optional[Tuple[Tensor, Tensor]] = None) -> tuple:
+        """This process's share of the batch ``index`` (augmented), or of ``decoded`` (uint8
+        images and labels a streaming split's workers already read)."""
         cfg = self.cfg
         idx = self.procs.local_slice(index)
-        x = self.train.float_images(idx)
+        x = self.train.float_images(idx) if decoded is None else decoded[0].float().div_(255.0)
         if cfg.data.augment:
             x = augment(x, torch.Generator().manual_seed(_seed(cfg.run.seed, 1, self.step, self.procs.rank)))
         return x.to(self.device, non_blocking=True), self.train.labels[idx].to(self.device, non_blocking=True)
@@ -275,12 +324,16 @@ class Trainer:
         a signal); logged every ``run.log_every`` steps, ``last.pt`` every ``run.checkpoint_every``."""
         cfg = self.cfg
         batches = epoch_batches(len(self.train), cfg.optim.batch_size, epoch, cfg.run.seed, cfg.data.epoch_size)
+        decoded = None
+        if cfg.data.workers and hasattr(self.train, "batches"):  # a streaming split: decode ahead in workers
+            ahead = [self.procs.local_slice(b) for b in batches[self.step % self.steps_per_epoch :]]
+            decoded = iter(self.train.batches(ahead, cfg.data.workers))
         bar = self._progress_bar(epoch)
         interval: List[dict] = []
         t_interval = time.perf_counter()
         while self.step < (epoch + 1) * self.steps_per_epoch:
             lr = self.learning_rate(self.step)
-            stats = self._train_step(batches[self.step % self.steps_per_epoch], lr)
+            stats = self._train_step(batches[self.step % self.steps_per_epoch], lr, next(decoded) if decoded else None)
             interval.append(stats)
             if bar is not None:
                 shown = {k: f"{stats[k]:.3f}" for k in ("loss", "train_acc", "train_adv_acc") if k in stats}
@@ -297,13 +350,13 @@ class Trainer:
         if bar is not None:
             bar.close()
 
-    def _train_step(self, index: Tensor, lr: float) -> Dict[str, Any]:
+    def _train_step(self, index: Tensor, lr: float, decoded=None) -> Dict[str, Any]:
         """One optimiser step of the objective on this process's share of the batch ``index``:
         clean pretraining for the first ``pretrain.steps``, then the recipe's (paper 1 Sec. 3.3)."""
         cfg = self.cfg
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        x, y = self._batch(index)
+        x, y = self._batch(index, decoded)
         pretrain = self.step < cfg.pretrain.steps
         stats = training_step(
             self.ddp,
