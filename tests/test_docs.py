@@ -70,6 +70,10 @@ COVERED = [
     ),
     (r"make (train|evaluate)-shipped\b|bash training/", "tests/test_docs.py::test_shipped_scripts_call_real_recipes"),
     (RD + "train\\b", "tests/test_training.py::test_tiny_run_learns_and_writes_a_safe_checkpoint"),
+    (
+        r"torchrun .*--node-rank",
+        "tests/test_cluster_jobs.py::test_the_pytorchjob_command_trains_on_two_pods_and_resumes",
+    ),
     (r"torchrun\b", "tests/test_training.py::test_torchrun_two_process_gloo"),
     (RD + "accuracy\\b", "tests/test_cli.py::test_accuracy_command_reads_a_checkpoint"),
     (RD + "evaluate\\b", "tests/test_evaluation.py::test_evaluation_end_to_end"),
@@ -85,6 +89,10 @@ COVERED = [
     (RD + "kserve-layout\\b", "tests/test_k8s.py::test_the_layout_builder_writes_config_metrics_and_archives"),
     (RD + "--help", "tests/test_cli.py::test_help_explains_the_subcommands"),
     (r"docker\b", DOCKER_TEST),
+    (
+        r"kubectl\b.*(training/k8s|robustdeq-(train|evaluate-shards|merge-shards|data))",
+        "tests/test_cluster_jobs.py::test_the_indexed_job_hands_pod_i_shard_i_of_completions",
+    ),
     (r"kubectl\b", "tests/test_k8s.py::test_kserve_resources_validate_against_their_schemas"),
     (r"curl -X POST \S+/token", "tests/test_serving_server.py::test_a_key_rotates_as_the_readme_says"),
     (r"pytest -s (tests/\S+)", "the named test"),
