@@ -4,6 +4,7 @@ policy, and in-memory and streaming splits that agree."""
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -215,3 +216,68 @@ def test_the_server_applies_the_same_size_policy_and_names_the_models_classes(tm
     answers, _ = engine.predict(served.unsqueeze(0), [options])
     assert engine.input_shape == (3, 64, 64) and answers[0]["label"] in KEEP
     assert {p["label"] for p in answers[0]["top_k"]} <= set(KEEP)
+
+
+@pytest.mark.slow
+def test_a_folder_goes_from_training_to_a_served_model_with_its_own_classes(tmp_path, cifar_train, monkeypatch):
+    """Issue 32's path end to end: train a few steps on an image folder (bad files included),
+    evaluate on its test split, archive it and serve it through a real TorchServe, which must
+    answer with the folder's class names for an image of another size."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from robustdeq.checkpoint import load_checkpoint
+    from robustdeq.serving.client import Client
+    from robustdeq.serving.runfolder import read_keys, read_server_info
+    from robustdeq.serving.server import Ports
+
+    if shutil.which("java") is None:
+        pytest.skip("TorchServe needs Java 17")
+    monkeypatch.setenv("ROBUSTDEQ_CACHE", str(tmp_path / "cache"))
+    root = build_folder(tmp_path / "shapes", cifar_train, per_class=24)
+    run = tmp_path / "run"
+
+    def cli(*args, timeout=600):
+        proc = subprocess.run([sys.executable, "-m", "robustdeq", *args], capture_output=True, text=True,
+                              timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        return proc
+
+    overrides = ["data.source=imagefolder", f"data.root={root}", "data.input_size=64", "optim.batch_size=16",
+                 "optim.epochs=1", "pretrain.steps=0", "attack.steps=1", "validation.n_clean=6", "run.threads=1",
+                 "validation.n_robust=6", "validation.selection_n=6", "validation.pgd_steps=1"]  # fmt: skip
+    trained = cli("train", "--config", "training/configs/deq-tiny-pgd-rs.yaml", "--out", str(run), "--no-progress",
+                  *[a for o in overrides for a in ("--set", o)])  # fmt: skip
+    assert "skipping 2 unreadable image file(s)" in trained.stdout + trained.stderr
+    ckpt = load_checkpoint(run / "model.pt")
+    assert ckpt.data["dataset"] == "imagefolder" and ckpt.data["bad_files"] == 2
+    model = ckpt.build_model()
+    assert model.class_names == sorted(KEEP) and model.input_size == 64
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["data"]["bad_files"] == 2
+    cli("evaluate", "--checkpoint", str(run / "model.pt"), "--n", "6", "--attacks", "pgd", "--defense", "none",
+        "--out", str(tmp_path / "eval"), "--no-progress")  # fmt: skip
+    card = json.loads((tmp_path / "eval" / "robustness_card.json").read_text())
+    assert card["clean"]["n"] == 6
+    store = tmp_path / "store"
+    cli("archive", "--checkpoint", str(run / "model.pt"), "--name", "shapes", "--out", str(store),
+        "--card", str(tmp_path / "eval" / "robustness_card.json"))  # fmt: skip
+    ports = Ports.free()
+    serve_dir = tmp_path / "serve"
+    cli("serve", "--run-dir", str(serve_dir), "--models", "shapes", "--store", str(store),
+        "--inference-port", str(ports.inference), "--management-port", str(ports.management),
+        "--metrics-port", str(ports.metrics), "--grpc-ports", str(ports.grpc_inference),
+        str(ports.grpc_management), "--timeout", "240")  # fmt: skip
+    try:
+        info = read_server_info(serve_dir)
+        client = Client(info.inference_url, read_keys(serve_dir)["inference"])
+        photo = np.asarray(Image.open(root / "test" / "dog" / f"{21:03d}.png").resize((90, 70)))
+        status, answer = client.predict("shapes", _png(photo))
+        assert status == 200, answer
+        assert answer["label"] in KEEP and {p["label"] for p in answer["top_k"]} <= set(KEEP)
+        status, answer = client.predict("shapes-defended", _png(photo), T_f=2, R=2)
+        assert status == 200 and answer["label"] in KEEP, answer
+    finally:
+        cli("stop", "--run-dir", str(serve_dir), timeout=120)

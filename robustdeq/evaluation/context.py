@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ..attacks import margin, pgd_linf
+from ..data.run_splits import split_of_run
 from ..defense import DefenseSetting
 from ..dynamics import phantom_forward
 from ..stats import Proportion
@@ -47,6 +48,9 @@ def evaluation_subset(split, n: int, seed: int) -> Tuple[Tensor, Tensor, Tensor]
     """The fixed test subset: a seeded permutation of the test split (the archive stores it
     grouped by class), first ``n``. Returns (indices into the split, images uint8, labels)."""
     order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:n]
+    if hasattr(split, "materialise"):  # a streaming split (your own images): decode only the subset
+        sub = split.subset(order).materialise()
+        return order, sub.images, sub.labels
     return order, split.images[order], split.labels[order]
 
 
@@ -71,7 +75,6 @@ class EvaluationContext:
         shard: Optional[Shard] = None,
     ):
         from ..checkpoint import file_sha256, load_checkpoint
-        from ..data import load_cifar10
 
         self.config = config
         self.progress = progress
@@ -86,7 +89,9 @@ class EvaluationContext:
         self.N = self.model.n_steps
         self.data_arg = data
         self._val = None
-        pool = load_cifar10("test", data, progress=progress) if config.split == "test" else self.validation_split()
+        pool = (
+            split_of_run(self.ckpt.data, "test", data, progress) if config.split == "test" else self.validation_split()
+        )
         order, images, labels = evaluation_subset(pool, config.n, config.seed)
         self._pool_identity = (pool.fingerprint, len(pool))
         # the identity of the whole subset, whichever shard of it this process evaluates
@@ -225,12 +230,8 @@ class EvaluationContext:
     # ---- the validation split and the gate ---------------------------------------------
     def validation_split(self):
         """The held-out validation split of the checkpoint's training run (never the test set)."""
-        from ..data import load_cifar10, train_val_split
-
         if self._val is None:
-            full = load_cifar10("train", self.data_arg, progress=self.progress)
-            self.ckpt.check_dataset(full.fingerprint)
-            _, self._val, _ = train_val_split(full, int(self.ckpt.data["val_size"]), int(self.ckpt.data["split_seed"]))
+            self._val = split_of_run(self.ckpt.data, "val", self.data_arg, self.progress)
         return self._val
 
     def gate_state(self) -> int:

@@ -48,22 +48,20 @@ def checkpoint_accuracy(
     adaptive evaluation lives in ``robustdeq evaluate``.
     """
     from ..checkpoint import load_checkpoint
-    from ..data import load_cifar10, train_val_split
+    from ..data.run_splits import materialised, split_of_run
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ckpt = load_checkpoint(checkpoint, map_location="cpu")
     model = ckpt.build_model(dev)
-    if split == "val":
-        full = load_cifar10("train", data, progress=progress)
-        ckpt.check_dataset(full.fingerprint)
-        _, data_split, _ = train_val_split(full, int(ckpt.data["val_size"]), int(ckpt.data["split_seed"]))
-    elif split == "test":
-        data_split = load_cifar10("test", data, progress=progress)
-        # a seeded shuffle: the archive stores the test images grouped by class
+    data_split = split_of_run(ckpt.data, split, data, progress)
+    if split == "test":  # a seeded shuffle: the archive stores the test images grouped by class
         order = torch.randperm(len(data_split), generator=torch.Generator().manual_seed(seed))
-        data_split = data_split.subset(order)
+        n_used = len(order) if n is None else min(int(n), len(order))
+        data_split = materialised(data_split, order[:n_used])
     else:
-        raise ValueError(f"split must be 'test' or 'val', got {split!r}")
+        data_split = materialised(
+            data_split, torch.arange(len(data_split) if n is None else min(int(n), len(data_split)))
+        )
     n = len(data_split) if n is None else min(int(n), len(data_split))
     acc = state_accuracies(
         model,

@@ -282,6 +282,12 @@ class Trainer:
                     pass
         return old_handlers
 
+    def _data_summary(self) -> Dict[str, Any]:
+        """What a run on your own images reports of them: classes, size, splits, files left out."""
+        r = self.data_record
+        keys = ("root", "classes", "input_size", "split_sizes", "bad_files", "bad_file_paths", "ignored_files")
+        return {k: r[k] for k in keys if k in r}
+
     def run(self, max_steps: Optional[int] = None, time_limit_s: Optional[float] = None) -> TrainResult:
         """Train until the schedule ends (then choose the early state and write ``model.pt``) or until
         ``max_steps`` steps / ``time_limit_s`` seconds of this call, a signal or a collapse."""
@@ -289,6 +295,8 @@ class Trainer:
         first_step = self.step
         old_handlers = self._catch_signals()
         self.folder.write_config(self.cfg)
+        if self.data_record.get("dataset") == IMAGEFOLDER and self.step == 0 and self.procs.main:
+            self.folder.log({"type": "data", "step": 0, **self._data_summary()})  # the bad files, in the log
 
         def stop_reason() -> Optional[str]:
             if time_limit_s is not None and time.monotonic() - started > time_limit_s:
@@ -510,6 +518,7 @@ class Trainer:
                 "collapses": self.collapse.collapses,
                 "stopped_early": self._stop_reason == "collapse",
                 "train_samples_per_s_median": self.folder.median_train_samples_per_s(),
+                **({"data": self._data_summary()} if self.data_record.get("dataset") == IMAGEFOLDER else {}),
             }
         )
         if self.procs.main and val_metrics:
