@@ -36,6 +36,9 @@ COMMANDS: Dict[str, Command] = {
         "robustdeq.training.cli",
         "train a DEQ / LyaDEQ with PGD-AT, TRADES and random intermediate states (paper 1 Sec. 3.3)",
     ),
+    "cifar-folder": Command(
+        "robustdeq.data.cifar_folder", "write CIFAR-10 as an image folder, to try training on your own images"
+    ),
     "profile-training": Command(
         "robustdeq.training.profile", "where the time of one adversarial training step goes", "profile"
     ),

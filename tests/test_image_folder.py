@@ -281,3 +281,16 @@ def test_a_folder_goes_from_training_to_a_served_model_with_its_own_classes(tmp_
         assert status == 200 and answer["label"] in KEEP, answer
     finally:
         cli("stop", "--run-dir", str(serve_dir), timeout=120)
+
+
+def test_cifar_folder_writes_a_folder_the_index_reads(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ROBUSTDEQ_CACHE", str(tmp_path / "cache"))
+    from robustdeq.cli import main
+
+    assert main(["cifar-folder", str(tmp_path / "cf"), "--size", "48", "--classes", "cat,ship", "--per-class", "4",
+                 "--test-per-class", "2", "--no-progress"]) == 0  # fmt: skip
+    index = index_folder(tmp_path / "cf", 48, progress=False)
+    assert index.classes == ["cat", "ship"] and len(index.files["train"]) == 8 and len(index.files["test"]) == 4
+    assert Image.open(tmp_path / "cf" / index.files["test"][0]).size == (48, 48)
+    assert main(["cifar-folder", str(tmp_path / "x"), "--classes", "unicorn", "--no-progress"]) != 0
+    assert "unknown CIFAR-10 class(es) unicorn" in capsys.readouterr().err
