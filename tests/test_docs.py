@@ -69,6 +69,10 @@ COVERED = [
         "tests/test_loadtest.py::test_smoke_run_end_to_end_has_no_failures_and_exact_counts",
     ),
     (r"make (train|evaluate)-shipped\b|bash training/", "tests/test_docs.py::test_shipped_scripts_call_real_recipes"),
+    (
+        RD + "training-speed\\b",
+        "tests/test_training_speed.py::test_the_lever_benchmark_times_each_lever_against_the_recipe",
+    ),
     (RD + "cifar-folder\\b", "tests/test_image_folder.py::test_cifar_folder_writes_a_folder_the_index_reads"),
     (RD + "train\\b", "tests/test_training.py::test_tiny_run_learns_and_writes_a_safe_checkpoint"),
     (
