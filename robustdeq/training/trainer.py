@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .. import __version__
 from ..checkpoint import Checkpoint, CheckpointError
-from ..data import Split, augment, batches_per_epoch, epoch_batches, load_cifar10, train_val_split
+from ..data import augment, batches_per_epoch, epoch_batches
 from ..data.run_splits import IMAGEFOLDER
 from ..models import create_model
 from ..readout import choose_readout_state
@@ -38,6 +38,7 @@ from .config import TrainConfig
 from .distributed import Processes
 from .objectives import Objective, ObjectiveModule, training_step
 from .optim import WeightEMA, build_optimizer, learning_rate
+from .run_data import model_overrides_for, training_data
 from .run_folder import RESUMABLE_CHANGES, RunClock, RunFolder
 
 __all__ = ["Trainer", "TrainResult", "RESUMABLE_CHANGES"]
@@ -58,70 +59,6 @@ def _seed(*parts: int) -> int:
     for p in parts:
         h = ((h ^ (int(p) & 0xFFFFFFFF)) * 1099511628211) % (1 << 63)
     return h
-
-
-def training_data(cfg: TrainConfig, progress: bool) -> Tuple[Split, Split, Dict[str, Any]]:
-    """The training images, the held-out validation split, and the record of both that
-    checkpoints keep (model selection never looks at the test set). CIFAR-10 carves the
-    validation split from its training set; an image folder brings its own or has one carved."""
-    if cfg.data.source == IMAGEFOLDER:
-        return _image_folder_data(cfg, progress)
-    full = load_cifar10("train", cfg.data.source, progress=progress)
-    train, val, _ = train_val_split(full, cfg.data.val_size, cfg.data.split_seed)
-    if cfg.data.train_subset is not None:
-        keep = torch.arange(min(cfg.data.train_subset, len(train)))
-        train = train.subset(keep, f"{train.source}[:{len(keep)}]")
-    record = {
-        "dataset": "cifar10",
-        "source": full.source,
-        "train_fingerprint": full.fingerprint,
-        "val_size": cfg.data.val_size,
-        "split_seed": cfg.data.split_seed,
-        "val_fingerprint": val.fingerprint,
-    }
-    return train, val, record
-
-
-def _image_folder_data(cfg: TrainConfig, progress: bool):
-    """:func:`training_data` for ``data.source = imagefolder`` (robustdeq/data/image_folder.py)."""
-    from ..data.image_folder import load_image_folder
-    from ..data.run_splits import image_folder_train_val, materialised
-
-    d = cfg.data
-    data = load_image_folder(
-        d.root, d.input_size, d.val_fraction, d.test_fraction, d.split_seed, d.on_bad_file, d.in_memory_mb,
-        d.workers, progress,
-    )  # fmt: skip
-    train, val = image_folder_train_val(data, d.val_fraction, d.split_seed)
-    val_n = max(cfg.validation.n_clean, cfg.validation.n_robust, cfg.validation.selection_n)
-    val = materialised(val, torch.arange(min(val_n, len(val))))  # validation reads its images at once
-    if d.train_subset is not None:
-        train = train.subset(torch.arange(min(d.train_subset, len(train))))
-    record = {
-        **data.record(),
-        "mean": list(d.mean) if d.mean else list(data.index.mean),
-        "std": list(d.std) if d.std else list(data.index.std),
-        "train_fingerprint": data.index.fingerprints["train"],
-        "split_seed": d.split_seed,
-        "val_fraction": d.val_fraction,
-        "test_fraction": d.test_fraction,
-        "val_fingerprint": val.fingerprint,
-        "bad_file_paths": [b["path"] for b in data.index.bad_files],
-    }
-    return train, val, record
-
-
-def model_overrides_for(record: Dict[str, Any]) -> Dict[str, Any]:
-    """What a model must know of its data beyond CIFAR-10: classes, input size, statistics."""
-    if record.get("dataset") != IMAGEFOLDER:
-        return {}
-    return {
-        "num_classes": len(record["classes"]),
-        "class_names": list(record["classes"]),
-        "input_size": int(record["input_size"]),
-        "mean": list(record["mean"]),
-        "std": list(record["std"]),
-    }
 
 
 class Trainer:
