@@ -325,3 +325,41 @@ def test_cli_compare_prints_mcnemar_table(tiny_evaluation, capsys):
     assert "worst/none -> worst/gated-T2-R2" in capsys.readouterr().out
     assert main(["compare", str(out), str(out), "--metric", "nope"]) == 2
     assert "not in both files" in capsys.readouterr().err
+
+
+def test_the_standard_autoattack_is_a_family_of_its_own_and_counts_in_the_worst_case(
+    tiny_evaluation, tmp_path, monkeypatch
+):
+    """Issue 30 §3: AutoAttack version 'standard' through the validation-chosen surrogate, judged
+    by the real forward; never part of a default run (hours on a CPU); in the worst case when run.
+    The test keeps the standard sequence (APGD-CE, APGD-T, FAB-T, Square) at a tiny budget."""
+    import pyautoattack
+
+    from robustdeq.evaluation.families import DEFAULT_FAMILIES, DEFAULT_SHARD_FAMILIES, REGISTRY
+
+    standard = pyautoattack.AutoAttack._set_version
+    ran = []
+
+    def tiny_budget(self, version="standard"):
+        standard(self, version)
+        ran.append(list(self.attacks_to_run))
+        self.apgd.n_iter = self.apgd_targeted.n_iter = self.fab.n_iter = 3
+        self.apgd_targeted.n_target_classes = self.fab.n_target_classes = 2
+        self.square.n_queries = 10
+
+    monkeypatch.setattr(pyautoattack.AutoAttack, "_set_version", tiny_budget)
+
+    assert "autoattack" in REGISTRY and "autoattack" not in DEFAULT_FAMILIES + DEFAULT_SHARD_FAMILIES
+    assert EvalConfig().families == DEFAULT_FAMILIES and REGISTRY["autoattack"].surrogate
+    _, full, _ = tiny_evaluation
+    config = EvalConfig(**{**TINY, "n": 6, "families": ("pgd", "autoattack"), "defenses": ()})
+    ev = Evaluator(str(SHIPPED), str(tmp_path), config, device="cpu", progress=False)
+    results = ev.run()
+    attacks = {a["name"]: a for a in results["attacks"]}
+    aa = attacks["autoattack-standard"]
+    assert aa["max_perturbation"] <= EPS + 1e-6
+    assert results["strongest_intermediate"] == full["strongest_intermediate"]
+    worst = next(s for s in results["settings"] if s["name"] == "none")["worst_case"]["acc"]
+    assert worst <= min(aa["acc"]["acc"], attacks["pgd-ready"]["acc"]["acc"])
+    assert aa["acc"]["acc"] <= next(s for s in results["settings"] if s["name"] == "none")["clean"]["acc"]
+    assert ran and ran[0] == ["apgd-ce", "apgd-t", "fab-t", "square"]

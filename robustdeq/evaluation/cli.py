@@ -10,16 +10,19 @@ from pathlib import Path
 
 from ..card import format_card, validate_card
 from ..card import load_card as read_card  # re-exported for old imports; the card's home is card.py
-from .suite import FAMILIES, SHARDABLE_FAMILIES, EvalConfig
+from .suite import DEFAULT_FAMILIES, DEFAULT_SHARD_FAMILIES, EvalConfig
 
 _EVALUATE_EPILOG = """\
-attack families (--attacks, default: all):
+attack families (--attacks, default: all but autoattack):
   pgd           ready-made PGD at z[N] (phantom gradient), as in training and the paper
   ifgsm         I-FGSM of paper 2 (Eq. 13-14: step 1/255, no random start)
   intermediate  paper 1 Eq. 11 grid over state i, unroll K_a, lambda (--full-grid: 1..N x 1..9 x {0.5, 1})
   apgd-ce       APGD-CE (pyautoattack) through the strongest Eq. 11 gradient
   apgd-t        APGD-T (pyautoattack, --apgd-targets target classes)
   square        Square (pyautoattack, black box, --square-queries)
+  autoattack    the reference AutoAttack, version 'standard' (APGD-CE, APGD-T and FAB-T with 9
+                targets, Square with 5,000 queries: RobustBench's autoattack_acc) through the
+                strongest Eq. 11 gradient; hours on a CPU, so only when named
   adaptive      per defense: BPDA and full unroll (soft sign) PGD, APGD-T through each of them,
                 for the gated defense an attack that keeps the gate shut, then Square through
                 the whole pipeline on every survivor
@@ -111,7 +114,7 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
         nargs="+",
         default=None,
         metavar="FAMILY",
-        help="attack families to run (default: all; with --shard, all but analyses and checks)",
+        help="attack families to run (default: all but autoattack; with --shard, also not analyses and checks)",
     )
     p.add_argument("--defense", action="append", default=None, metavar="T_f,R[,gated]",
                    help="defense setting (repeatable; default 2,10 and 2,10,gated; 'none': no defense)")  # fmt: skip
@@ -170,7 +173,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     tune_cpu_allocator()
     eps = float(parse_number(args.eps))
-    families = args.attacks or (SHARDABLE_FAMILIES if args.shard else FAMILIES)
+    families = args.attacks or (DEFAULT_SHARD_FAMILIES if args.shard else DEFAULT_FAMILIES)
     config = EvalConfig(
         n=args.n,
         seed=args.seed,

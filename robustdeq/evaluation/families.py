@@ -1,7 +1,8 @@
 """The registry of evaluation families (docs/design.md §6): each family of jobs declared once, with
 its jobs, whether a shard may run it and whether it attacks through the surrogate of paper 1
 Eq. 11 chosen on validation. The registry's order is the order a run takes them; ``--attacks``
-selects among them by name (the shape of the solver registry, :data:`robustdeq.solvers.SOLVERS`)."""
+selects among them by name, and without it every ``default`` family runs (the shape of the
+solver registry, :data:`robustdeq.solvers.SOLVERS`)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,29 @@ from .analyses import analyses_jobs, masking_checks, radii
 from .context import FamilyJobs, Job
 from .defended import adaptive_jobs
 from .transfer import cross_model_jobs
-from .undefended import apgd_adv, ifgsm_adv, intermediate_jobs, ready_made_adv, square_adv, undefended_jobs
+from .undefended import (
+    apgd_adv,
+    autoattack_adv,
+    ifgsm_adv,
+    intermediate_jobs,
+    ready_made_adv,
+    square_adv,
+    undefended_jobs,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .context import EvaluationContext
 
-__all__ = ["Family", "REGISTRY", "FAMILIES", "SURROGATE_FAMILIES", "SHARDABLE_FAMILIES", "select"]
+__all__ = [
+    "Family",
+    "REGISTRY",
+    "FAMILIES",
+    "DEFAULT_FAMILIES",
+    "DEFAULT_SHARD_FAMILIES",
+    "SURROGATE_FAMILIES",
+    "SHARDABLE_FAMILIES",
+    "select",
+]
 
 
 @dataclass(frozen=True)
@@ -36,6 +54,7 @@ class Family:
     shardable: bool = True
     surrogate: bool = False
     undefended: bool = False
+    default: bool = True  # run when --attacks names no family
 
 
 def single_job(name: str, make: Callable[["EvaluationContext"], dict]) -> FamilyJobs:
@@ -56,6 +75,14 @@ REGISTRY: Dict[str, Family] = {
         Family("apgd-ce", undefended_jobs("apgd-ce", apgd_adv("ce")), surrogate=True, undefended=True),
         Family("apgd-t", undefended_jobs("apgd-t", apgd_adv("t")), surrogate=True, undefended=True),
         Family("square", undefended_jobs("square", square_adv), undefended=True),
+        # the reference AutoAttack as RobustBench runs it; hours on a CPU, so only when asked for
+        Family(
+            "autoattack",
+            undefended_jobs("autoattack-standard", autoattack_adv),
+            surrogate=True,
+            undefended=True,
+            default=False,
+        ),
         Family("adaptive", adaptive_jobs, surrogate=True),
         Family("cross-model", cross_model_jobs),
         Family("radii", single_job("radii", radii)),
@@ -67,11 +94,15 @@ REGISTRY: Dict[str, Family] = {
 
 #: every family's name, in run order
 FAMILIES = tuple(REGISTRY)
+#: the families a run takes when --attacks names none
+DEFAULT_FAMILIES = tuple(name for name, f in REGISTRY.items() if f.default)
 #: the families that attack through the Eq. 11 surrogate chosen on validation (job ``surrogate``)
 SURROGATE_FAMILIES = frozenset(name for name, f in REGISTRY.items() if f.surrogate)
 #: the families a shard may run: per-sample results that merge exactly (the analyses and the
 #: checks summarise the whole subset; run them in one process, e.g. on the merged folder)
 SHARDABLE_FAMILIES = tuple(name for name, f in REGISTRY.items() if f.shardable)
+#: the families a shard takes when --attacks names none
+DEFAULT_SHARD_FAMILIES = tuple(name for name in SHARDABLE_FAMILIES if REGISTRY[name].default)
 
 
 def select(names: Iterable[str]) -> List[Family]:

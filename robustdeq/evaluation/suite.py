@@ -32,7 +32,7 @@ from ..attacks import IntermediateAttack
 from .adaptive import UNROLL_BATCH
 from .clean import choose_gate, clean_accuracy, seed_best_inputs
 from .context import SPLITS, EvaluationContext, evaluation_subset
-from .families import FAMILIES, SHARDABLE_FAMILIES, SURROGATE_FAMILIES, select
+from .families import DEFAULT_FAMILIES, DEFAULT_SHARD_FAMILIES, FAMILIES, SHARDABLE_FAMILIES, SURROGATE_FAMILIES, select
 from .shards import Shard
 from .surrogate import choose_surrogate, strongest_intermediate
 from .transfer import parse_source
@@ -42,6 +42,8 @@ __all__ = [
     "EvalConfig",
     "Evaluator",
     "FAMILIES",
+    "DEFAULT_FAMILIES",
+    "DEFAULT_SHARD_FAMILIES",
     "SHARDABLE_FAMILIES",
     "SURROGATE_FAMILIES",
     "evaluation_subset",
@@ -60,7 +62,7 @@ class EvalConfig:
     step_size: float = 2 / 255
     steps: int = 10
     batch_size: int = 200
-    families: Tuple[str, ...] = FAMILIES
+    families: Tuple[str, ...] = DEFAULT_FAMILIES
     full_grid: bool = False  # paper 1: i in 1..N x K_a in 1..9 x lambda {0.5, 1}
     states: Optional[Tuple[int, ...]] = None  # default: 1, ~3N/8, the early state, N
     unrolls: Tuple[int, ...] = (2, 5)

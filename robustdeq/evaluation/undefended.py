@@ -30,6 +30,7 @@ __all__ = [
     "ifgsm_adv",
     "apgd_adv",
     "square_adv",
+    "autoattack_adv",
     "undefended_attack",
     "transfer_summary",
 ]
@@ -100,6 +101,39 @@ def apgd_adv(kind: str) -> MakeAdversarial:
         return ctx.map(fn, ctx.x, ctx.all_images(), name)
 
     return make
+
+
+class _ReadoutThroughSurrogate(torch.nn.Module):
+    """The real early-state prediction forward, the Eq. 11 surrogate's gradient backward, as a
+    module (AutoAttack calls ``model(x)``): its bookkeeping, FAB's logit values and Square's
+    queries see the real model, the gradient attacks follow the surrogate."""
+
+    def __init__(self, ctx: "EvaluationContext"):
+        super().__init__()
+        self.model, self.attack = ctx.model, strongest_intermediate(ctx)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return surrogate_logits(self.model, x, self.attack)
+
+
+def autoattack_adv(ctx: "EvaluationContext", name: str) -> Tensor:
+    """The reference AutoAttack, ``version='standard'`` (APGD-CE, APGD-T with 9 target classes,
+    FAB-T with 9, Square with 5,000 queries: RobustBench's ``autoattack_acc``), through the
+    strongest Eq. 11 gradient and judged by the real forward like every family here."""
+    import logging
+
+    from pyautoattack import AutoAttack
+
+    c = ctx.config
+    adversary = AutoAttack(_ReadoutThroughSurrogate(ctx), norm="Linf", eps=c.eps, version="standard",
+                           seed=c.seed, device=ctx.device)  # fmt: skip
+    logging.getLogger("auto-attack").setLevel(logging.WARNING)
+
+    def fn(chunk, x, y):
+        x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=len(x))
+        return x_adv
+
+    return ctx.map(fn, ctx.x, ctx.all_images(), name)
 
 
 def square_adv(ctx: "EvaluationContext", name: str) -> Tensor:
