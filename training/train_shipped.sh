@@ -20,14 +20,25 @@ if [ ${#recipes[@]} -eq 0 ]; then
     deq-small-nfgsm-rs deq-small-nfgsm lyadeq-small-nfgsm-rs resnet-peer-nfgsm  # equal budget B (issue 15)
     deq-small-clean lyadeq-small-clean                                         # plain-trained, paper 2's protocol
     deq-small-nfgsm-rs-long                                                    # the default's own long run: 50 epochs, 9.1 CPU-h in 6 chunks
+    deq-small-nfgsm-rs-100                                                     # the full-length schedule: -long continued to 100 epochs
     deq-tiny-trades-rs deq-tiny-trades lyadeq-tiny-trades lyadeq-tiny-clean     # the previous tiny set (fast lane)
   )
 fi
+# a run that continues another one starts from a copy of that run's last state (issue 30: the
+# full-length schedule resumes the 50-epoch run into a 100-epoch cosine schedule)
+declare -A CONTINUES=([deq-small-nfgsm-rs-100]=deq-small-nfgsm-rs-long)
 limit=()
 [ -z "${TIME_LIMIT:-}" ] || limit=(--time-limit "$TIME_LIMIT")
 train() {
   local r=$1
   mkdir -p "training/shipped/$r"
+  local from=${CONTINUES[$r]:-}
+  if [ -n "$from" ] && [ ! -f "training/shipped/$r/last.pt" ]; then
+    for f in last.pt log.jsonl epochs.csv; do
+      [ ! -f "training/shipped/$from/$f" ] || cp "training/shipped/$from/$f" "training/shipped/$r/"
+    done
+    echo "# continues training/shipped/$from (its last.pt, log.jsonl and epochs.csv copied here)" >> "training/shipped/$r/command.txt"
+  fi
   echo "robustdeq train --config training/configs/$r.yaml --out training/shipped/$r ${limit[*]}" >> "training/shipped/$r/command.txt"
   "$ROBUSTDEQ" train --config "training/configs/$r.yaml" --out "training/shipped/$r" "${limit[@]}" --no-progress \
     > "training/shipped/$r/train.out" 2>&1

@@ -34,7 +34,7 @@ __all__ = ["RunFolder", "RunClock", "RESUMABLE_CHANGES"]
 
 #: config sections that may change when a run is resumed (they do not alter the steps already taken)
 RESUMABLE_CHANGES = (
-    "optim.epochs", "run.", "validation.", "data.source", "data.workers", "data.in_memory_mb", "description",
+    "optim.epochs", "run.", "validation.", "data.source", "data.workers", "data.in_memory_mb", "description", "name",
 )  # fmt: skip
 
 #: what ``--restart`` removes
