@@ -89,12 +89,19 @@ def _measured_cpu(folder: Path) -> Optional[float]:
     return float(path.read_text().split()[0]) if path.is_file() else None
 
 
-def _parameter_count(path: Path) -> Optional[int]:
-    if not path.is_file():
-        return None
-    from ..checkpoint import load_checkpoint
+def _parameter_count(path: Path, cfg: Optional[dict] = None) -> Optional[int]:
+    """Trainable tensors' entries of the pilot's checkpoint, or of its model built from the recorded
+    config when the checkpoint is not kept (the study commits logs, not weights)."""
+    if path.is_file():
+        from ..checkpoint import load_checkpoint
 
-    state = load_checkpoint(path).state_dict
+        state = load_checkpoint(path).state_dict
+    elif cfg is not None:
+        from ..models import create_model
+
+        state = create_model(cfg["model"]["name"], **(cfg["model"].get("overrides") or {})).state_dict()
+    else:
+        return None
     return int(sum(v.numel() for k, v in state.items() if v.is_floating_point() and "running_" not in k))
 
 
@@ -121,7 +128,7 @@ def read_pilot(folder: Path) -> Optional[Pilot]:
         name=folder.name,
         model=cfg["model"]["name"],
         recipe=_describe(cfg),
-        params=_parameter_count(folder / "model.pt"),
+        params=_parameter_count(folder / "model.pt", cfg),
         cpu_hours=(cpu if cpu else wall * threads) / 3600.0,
         threads=threads,
         samples_per_s=summary.get("train_samples_per_s_median"),
@@ -134,7 +141,11 @@ def read_pilot(folder: Path) -> Optional[Pilot]:
         readout=summary.get("early_state"),
         command=(folder / "command.txt").read_text().strip() if (folder / "command.txt").is_file() else "",
     )
-    results_path = folder / "val-eval" / "results.json"
+    results_path, state_path = folder / "val-eval" / "results.json", folder / "val-eval" / "state.json"
+    if not results_path.is_file() and state_path.is_file():  # a ranking run stopped early: its finished jobs
+        jobs = json.loads(state_path.read_text())["jobs"]
+        pilot.clean = (jobs.get("clean") or {}).get("acc", {}).get("acc")
+        pilot.pgd = (jobs.get("pgd-ready") or {}).get("acc", {}).get("acc")
     if results_path.is_file():
         results = json.loads(results_path.read_text())
         pilot.clean = results["clean"]["acc"]["acc"]
