@@ -46,6 +46,7 @@ __all__ = [
     "handler_section",
     "runtime_python",
     "write_token",
+    "exec_kserve",
     "main",
 ]
 
@@ -307,6 +308,27 @@ def archives_for(models: List[str], store: Path, lanes: Tuple[str, ...]) -> List
                 raise FileNotFoundError(f"no archive {mar} (build it with 'robustdeq archive --shipped')")
             out.append(mar)
     return out
+
+
+def exec_kserve(args: argparse.Namespace) -> int:
+    """``robustdeq serve --runtime kserve``: replace this process with the runtime, started from
+    the Python that has kserve (:func:`runtime_python`), with the serve command's models, store,
+    run folder, inference port and bind address."""
+    python = runtime_python()
+    if python is None:
+        print(
+            "robustdeq serve: error: no Python with kserve found: set ROBUSTDEQ_KSERVE_PYTHON or build "
+            f"{DEFAULT_VENV} (docs/serving.md, 'KServe runtime')",
+            file=sys.stderr,
+        )
+        return 1
+    root = str(Path(__file__).resolve().parents[2])
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    argv = [python, "-m", "robustdeq.serving.kserve_runtime", "--models", args.models, "--store", str(args.store)]
+    argv += ["--run-dir", str(args.run_dir), "--http-port", str(args.inference_port), "--bind", args.bind]
+    sys.stdout.flush()
+    os.execv(python, argv)
+    return 0  # not reached
 
 
 def main(argv: Optional[List[str]] = None) -> int:
