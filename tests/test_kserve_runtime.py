@@ -1,0 +1,308 @@
+"""The KServe runtime (``robustdeq serve --runtime kserve``) as a real server process.
+
+The shipped deq-tiny archives (plain and defended lanes) under KServe's Python ModelServer on a
+free loopback port: probes, OIP v2 metadata and readiness, OIP v2 BYTES and FP32 inference with
+per-request options, KServe v1 ``b64`` bodies, malformed bodies (4xx naming the field), the
+bearer token, the project's metrics, and 200 hostile inputs from ``robustdeq.serving.fuzz`` with
+no 5xx. Skipped where no Python can import kserve (docs/serving.md, "KServe runtime").
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from robustdeq.data import PROJECT_ROOT
+from robustdeq.serving.fuzz import fuzz_cases
+from robustdeq.serving.kserve_runtime import runtime_python
+
+MODEL = "deq-tiny"
+DEFENDED = "deq-tiny-defended"
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Client:
+    def __init__(self, url: str, token: str):
+        self.url, self.token = url, token
+
+    def call(self, path, body=None, token="default", content_type="application/json", headers=None):
+        """(status, decoded JSON or text) for GET (no body) or POST."""
+        token = self.token if token == "default" else token
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        hdrs = {"Content-Type": content_type, **(headers or {})}
+        if token:
+            hdrs["Authorization"] = f"Bearer {token}"
+        req = urllib.request.Request(self.url + path, data=data, headers=hdrs, method="POST" if data else "GET")
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                status, raw = resp.status, resp.read()
+        except urllib.error.HTTPError as exc:
+            status, raw = exc.code, exc.read()
+        try:
+            return status, json.loads(raw)
+        except ValueError:
+            return status, raw.decode(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def kserve_server(tmp_path_factory):
+    python = runtime_python()
+    if python is None:
+        pytest.skip("no Python with kserve (set ROBUSTDEQ_KSERVE_PYTHON or build .cache/kserve-venv)")
+    store = PROJECT_ROOT / "model_store"
+    if not (store / f"{MODEL}.mar").is_file():
+        pytest.skip("no shipped deq-tiny archives in model_store/")
+    run_dir = tmp_path_factory.mktemp("kserve-run")
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env.pop("ROBUSTDEQ_TOKEN", None)
+    log = open(run_dir / "server.log", "wb")
+    cmd = [python, "-m", "robustdeq.serving.kserve_runtime", "--models", MODEL, "--store", str(store)]
+    cmd += ["--run-dir", str(run_dir), "--http-port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=PROJECT_ROOT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"the KServe runtime exited ({proc.returncode}): {(run_dir / 'server.log').read_text()}")
+            try:
+                with urllib.request.urlopen(url + "/v2/health/ready", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("the KServe runtime was not ready in 180 s")
+            time.sleep(0.5)
+        token = json.loads((run_dir / "key_file.json").read_text())["inference"]["key"]
+        yield Client(url, token), proc, port, run_dir
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def client(kserve_server):
+    return kserve_server[0]
+
+
+def _image(seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+
+
+def _b64png(a: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(a, "RGB").save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _output(answer, name):
+    return next(o for o in answer["outputs"] if o["name"] == name)
+
+
+def test_probes_need_no_token_and_the_rest_does(client, kserve_server):
+    _, proc, port, run_dir = kserve_server
+    assert client.call("/v2/health/live", token=None)[0] == 200
+    assert client.call("/v2/health/ready", token=None)[0] == 200
+    status, body = client.call(f"/v2/models/{MODEL}", token=None)
+    assert status == 401 and "token" in body["error"]
+    status, body = client.call(f"/v2/models/{MODEL}/infer", {"inputs": []}, token="wrong")
+    assert status == 403 and body["reason"] == "forbidden"
+    status, _ = client.call(f"/v1/models/{MODEL}:predict", {"instances": [{"b64": _b64png(_image())}]}, token=None)
+    assert status == 401
+    assert (run_dir / "key_file.json").stat().st_mode & 0o077 == 0  # the token file is the owner's only
+
+
+def test_listens_on_loopback_only(kserve_server):
+    _, proc, port, _ = kserve_server
+    addresses = [a for a in _listen_addresses(proc.pid) if a[1] == port]
+    assert addresses and all(host == "127.0.0.1" for host, _ in addresses), addresses
+
+
+def _listen_addresses(pid: int):
+    """(host, port) of the TCP sockets ``pid`` listens on (from /proc)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    out = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as fh:
+            next(fh)
+            for line in fh:
+                parts = line.split()
+                local, state, inode = parts[1], parts[3], parts[9]
+                if state == "0A" and inode in inodes:  # LISTEN
+                    host_hex, port_hex = local.split(":")
+                    if len(host_hex) == 8:
+                        host = socket.inet_ntoa(bytes.fromhex(host_hex)[::-1])
+                    else:
+                        host = "ipv6:" + host_hex
+                    out.append((host, int(port_hex, 16)))
+    return out
+
+
+def test_metadata_and_model_readiness(client):
+    status, meta = client.call(f"/v2/models/{MODEL}")
+    assert status == 200 and meta["name"] == MODEL
+    assert {(i["name"], i["datatype"]) for i in meta["inputs"]} == {("image", "BYTES"), ("array", "FP32")}
+    assert next(i for i in meta["inputs"] if i["name"] == "array")["shape"] == [-1, 3, 32, 32]
+    assert {"label", "probabilities", "entropy", "readout_state", "residual"} <= {o["name"] for o in meta["outputs"]}
+    for name in (MODEL, DEFENDED):
+        status, ready = client.call(f"/v2/models/{name}/ready")
+        assert status == 200 and ready["ready"] is True
+    assert client.call("/v2/models/no-such-model/ready")[0] == 404
+
+
+def test_oip_bytes_image_on_the_plain_lane(client):
+    body = {"id": "r1", "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [_b64png(_image(1))]}]}
+    status, answer = client.call(f"/v2/models/{MODEL}/infer", body)
+    assert status == 200, answer
+    assert answer["model_name"] == MODEL and answer["id"] == "r1"
+    assert answer["parameters"]["defense"] == "off"
+    probs = _output(answer, "probabilities")
+    assert probs["shape"] == [1, 10] and abs(sum(probs["data"]) - 1) < 1e-3
+    assert _output(answer, "label")["data"][0] in json.loads(_labels())
+
+
+def _labels() -> str:
+    import zipfile
+
+    with zipfile.ZipFile(PROJECT_ROOT / "model_store" / f"{MODEL}.mar") as zf:
+        return json.dumps(list(json.loads(zf.read("index_to_name.json")).values()))
+
+
+def test_oip_fp32_batch_with_options_on_the_defended_lane(client):
+    xs = np.stack([_image(2), _image(3)]).transpose(0, 3, 1, 2) / 255.0
+    body = {
+        "parameters": {"T_f": 1, "R": 3},
+        "inputs": [{"name": "array", "datatype": "FP32", "shape": [2, 3, 32, 32], "data": xs.ravel().tolist()}],
+    }
+    status, answer = client.call(f"/v2/models/{DEFENDED}/infer", body)
+    assert status == 200, answer
+    params = answer["parameters"]
+    assert (params["defense"], params["T_f"], params["R"], params["batch_size"]) == ("on", 1, 3, 2)
+    assert _output(answer, "defense_ran")["data"] == [True, True]
+    assert _output(answer, "label")["shape"] == [2]
+    # the same options beyond the lane's bound are refused, naming the option
+    body["parameters"]["R"] = 10_000
+    status, answer = client.call(f"/v2/models/{DEFENDED}/infer", body)
+    assert status == 400 and "R" in answer["error"]
+    # the plain lane refuses the defense
+    body["parameters"] = {"defense": "on"}
+    status, answer = client.call(f"/v2/models/{MODEL}/infer", body)
+    assert 400 <= status < 500 and "defense" in answer["error"]
+
+
+def test_kserve_v1_b64_and_named_binary_field(client):
+    b64 = _b64png(_image(4))
+    body = {"instances": [{"b64": b64}, {"image_bytes": {"b64": b64}}]}
+    status, answer = client.call(f"/v1/models/{MODEL}:predict", body)
+    assert status == 200, answer
+    first, second = answer["predictions"]
+    assert first["index"] == second["index"] and first["model"] == MODEL
+    status, answer = client.call(f"/v1/models/{DEFENDED}:predict", {"instances": [{"b64": b64}]}, headers={"X-R": "2"})
+    assert status == 200 and answer["predictions"][0]["defense"]["R"] == 2
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"inputs": [{"name": "image", "datatype": "FP32", "shape": [1], "data": ["x"]}]}, "inputs[0].datatype"),
+        ({"inputs": [{"name": "array", "datatype": "FP32", "shape": [1, 3, 32, 31], "data": [0.0]}]}, "shape"),
+        ({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["aGVsbG8="]}]}, "data[0]"),
+        ({"inputs": [{"name": "pixels", "datatype": "BYTES", "shape": [1], "data": ["x"]}]}, "inputs[0].name"),
+        ({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1]}]}, "data"),
+        ({"parameters": {"bogus": 1}, "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["x"]}]},
+         "bogus"),
+    ],
+)  # fmt: skip
+def test_a_malformed_oip_body_gets_a_4xx_naming_the_field(client, body, field):
+    status, answer = client.call(f"/v2/models/{MODEL}/infer", body)
+    assert 400 <= status < 500, (status, answer)
+    assert field in json.dumps(answer), answer
+
+
+def test_a_malformed_v1_body_gets_a_4xx_naming_the_instance(client):
+    status, answer = client.call(f"/v1/models/{MODEL}:predict", {"instances": [{"b64": _b64png(_image())}, {"b64": 7}]})
+    assert status == 400 and answer["error"].startswith("instances[1]"), answer
+    status, answer = client.call(f"/v1/models/{MODEL}:predict", b"{not json")
+    assert 400 <= status < 500
+
+
+def _route(case):
+    """A fuzz case as a KServe request: JSON bodies as they are (OIP ones to /infer), raw image
+    bytes wrapped as KServe v1 ``b64`` or OIP ``BYTES`` (KServe takes JSON bodies only)."""
+    if case.content_type == "application/json":
+        oip = b'"inputs"' in case.payload
+        return (f"/v2/models/{MODEL}/infer" if oip else f"/v1/models/{MODEL}:predict"), case.payload
+    b64 = base64.b64encode(case.payload).decode()
+    if len(case.payload) % 2:
+        body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64]}]}
+        return f"/v2/models/{MODEL}/infer", json.dumps(body).encode()
+    return f"/v1/models/{MODEL}:predict", json.dumps({"instances": [{"b64": b64}]}).encode()
+
+
+def test_fuzz_the_kserve_runtime(client, kserve_server):
+    """200 hostile inputs over HTTP: each answered 200 or a JSON 4xx, never 5xx; the server lives."""
+    _, proc, _, _ = kserve_server
+    seeds = [_image(s) for s in range(3)] + [np.tile(np.arange(32, dtype=np.uint8)[:, None, None] * 8, (1, 32, 3))]
+    statuses, failures = Counter(), []
+    for case in fuzz_cases(seeds, 200, seed=5):
+        path, payload = _route(case)
+        status, answer = client.call(path, payload)
+        statuses[status] += 1
+        if not (status == 200 or (400 <= status < 500 and isinstance(answer, dict))):
+            failures.append(f"{case.kind}: {status} {str(answer)[:200]}")
+    assert failures == [], failures[:10]
+    assert sum(statuses.values()) == 200 and all(s < 500 for s in statuses)
+    assert statuses[200] > 0 and sum(n for s, n in statuses.items() if 400 <= s < 500) > 100, statuses
+    assert proc.poll() is None
+    status, answer = client.call(f"/v1/models/{MODEL}:predict", {"instances": [{"b64": _b64png(_image(9))}]})
+    assert status == 200 and answer["predictions"][0]["model"] == MODEL
+
+
+def test_project_metrics_on_the_metrics_path(client):
+    client.call(f"/v1/models/{MODEL}:predict", {"instances": [{"b64": _b64png(_image(11))}]})
+    client.call(
+        f"/v2/models/{MODEL}/infer", {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1], "data": ["x"]}]}
+    )
+    status, text = client.call("/metrics", token=None)
+    assert status == 200
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    requests = families["robustdeq_requests"]
+    assert any(s.labels.get("ModelName") == MODEL and s.value >= 1 for s in requests.samples)
+    rejected = families["robustdeq_rejected_requests"]
+    assert any(s.labels.get("Reason") == "bad_datatype" and s.value >= 1 for s in rejected.samples)
+    assert "robustdeq_prediction_entropy" in families and "robustdeq_handler_latency_seconds" in families
