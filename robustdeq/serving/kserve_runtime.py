@@ -238,7 +238,7 @@ def _observe(model: str, answers, rejected, elapsed: float) -> None:
                 cls = {"counter": prom.Counter, "gauge": prom.Gauge, "histogram": prom.Histogram}[spec.kind]
                 metric = _PROM[name] = cls(name, spec.help, labelnames=list(spec.dimensions))
             labelled = metric.labels(*[str(v) for v in dims])
-            {"counter": labelled.inc, "gauge": labelled.set, "histogram": labelled.observe}[spec.kind](value)
+            getattr(labelled, {"counter": "inc", "gauge": "set", "histogram": "observe"}[spec.kind])(value)
     except Exception:  # metrics must never fail a request
         logger.exception("could not record metrics")
 
