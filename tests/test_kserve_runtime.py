@@ -15,6 +15,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -75,8 +76,9 @@ def kserve_server(tmp_path_factory):
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     env.pop("ROBUSTDEQ_TOKEN", None)
     log = open(run_dir / "server.log", "wb")
-    cmd = [python, "-m", "robustdeq.serving.kserve_runtime", "--models", MODEL, "--store", str(store)]
-    cmd += ["--run-dir", str(run_dir), "--http-port", str(port)]
+    # the documented command: it replaces itself with the runtime (from the Python that has kserve)
+    cmd = [sys.executable, "-m", "robustdeq", "serve", "--runtime", "kserve", "--models", MODEL, "--store", str(store)]
+    cmd += ["--run-dir", str(run_dir), "--inference-port", str(port)]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=PROJECT_ROOT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -93,7 +95,7 @@ def kserve_server(tmp_path_factory):
             if time.monotonic() > deadline:
                 pytest.fail("the KServe runtime was not ready in 180 s")
             time.sleep(0.5)
-        token = json.loads((run_dir / "key_file.json").read_text())["inference"]["key"]
+        token = json.loads((run_dir / "kserve" / "key_file.json").read_text())["inference"]["key"]
         yield Client(url, token), proc, port, run_dir
     finally:
         proc.terminate()
@@ -135,7 +137,7 @@ def test_probes_need_no_token_and_the_rest_does(client, kserve_server):
     assert status == 403 and body["reason"] == "forbidden"
     status, _ = client.call(f"/v1/models/{MODEL}:predict", {"instances": [{"b64": _b64png(_image())}]}, token=None)
     assert status == 401
-    assert (run_dir / "key_file.json").stat().st_mode & 0o077 == 0  # the token file is the owner's only
+    assert (run_dir / "kserve" / "key_file.json").stat().st_mode & 0o077 == 0  # the token file is the owner's only
 
 
 def test_listens_on_loopback_only(kserve_server):
@@ -306,3 +308,39 @@ def test_project_metrics_on_the_metrics_path(client):
     rejected = families["robustdeq_rejected_requests"]
     assert any(s.labels.get("Reason") == "bad_datatype" and s.value >= 1 for s in rejected.samples)
     assert "robustdeq_prediction_entropy" in families and "robustdeq_handler_latency_seconds" in families
+
+
+def test_serve_runtime_kserve_is_the_runtime_process(kserve_server):
+    """``robustdeq serve --runtime kserve`` became the runtime itself (exec), under the kserve Python."""
+    _, proc, _, run_dir = kserve_server
+    cmdline = open(f"/proc/{proc.pid}/cmdline", "rb").read().split(b"\0")
+    assert b"robustdeq.serving.kserve_runtime" in cmdline
+    assert cmdline[0].decode() == runtime_python()  # the venv path, not the realpath: the venv matters
+    assert (run_dir / "kserve" / "models" / DEFENDED / "model-config.yaml").is_file()
+
+
+def test_the_kserve_environment_layers_over_the_project():
+    """The runtime's Python has kserve 0.21.0 with protobuf < 7, and the project's own torch."""
+    import torch
+
+    python = runtime_python()
+    if python is None:
+        pytest.skip("no Python with kserve")
+    code = "import importlib.metadata as m, kserve, torch; "
+    code += "print(m.version('kserve'), torch.__version__, m.version('protobuf'))"
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout.split()
+    assert out[0] == "0.21.0" and out[1] == torch.__version__ and int(out[2].split(".")[0]) < 7
+
+
+def test_the_documented_curls(kserve_server):
+    """The curl block of docs/serving.md, pointed at this server, answers as documented."""
+    _, _, port, run_dir = kserve_server
+    text = (PROJECT_ROOT / "docs" / "serving.md").read_text()
+    block = next(b for b in text.split("```bash\n")[1:] if "kserve/key_file.json" in b).split("```")[0]
+    block = block.replace(".serve/kserve/key_file.json", str(run_dir / "kserve" / "key_file.json"))
+    block = block.replace("localhost:8085", f"127.0.0.1:{port}").replace("curl -s ", "curl -sS --fail-with-body ")
+    out = subprocess.run(["bash", "-ec", block], capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT)
+    assert out.returncode == 0, out.stderr + out.stdout
+    assert '"name":"deq-tiny"' in out.stdout
+    assert '"model_name":"deq-tiny-defended"' in out.stdout and '"T_f":1' in out.stdout
+    assert '"predictions":[{"model":"deq-tiny"' in out.stdout

@@ -313,7 +313,8 @@ def archives_for(models: List[str], store: Path, lanes: Tuple[str, ...]) -> List
 def exec_kserve(args: argparse.Namespace) -> int:
     """``robustdeq serve --runtime kserve``: replace this process with the runtime, started from
     the Python that has kserve (:func:`runtime_python`), with the serve command's models, store,
-    run folder, inference port and bind address."""
+    inference port and bind address; its files go to ``RUN_DIR/kserve`` (a TorchServe started from
+    the same run folder keeps its own key file)."""
     python = runtime_python()
     if python is None:
         print(
@@ -325,7 +326,8 @@ def exec_kserve(args: argparse.Namespace) -> int:
     root = str(Path(__file__).resolve().parents[2])
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
     argv = [python, "-m", "robustdeq.serving.kserve_runtime", "--models", args.models, "--store", str(args.store)]
-    argv += ["--run-dir", str(args.run_dir), "--http-port", str(args.inference_port), "--bind", args.bind]
+    argv += ["--run-dir", str(Path(args.run_dir) / "kserve"), "--http-port", str(args.inference_port)]
+    argv += ["--bind", args.bind]
     sys.stdout.flush()
     os.execv(python, argv)
     return 0  # not reached
