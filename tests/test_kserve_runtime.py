@@ -344,3 +344,69 @@ def test_the_documented_curls(kserve_server):
     assert '"name":"deq-tiny"' in out.stdout
     assert '"model_name":"deq-tiny-defended"' in out.stdout and '"T_f":1' in out.stdout
     assert '"predictions":[{"model":"deq-tiny"' in out.stdout
+
+
+# ---- conformance: tritonclient (a client this project did not write), run by the kserve Python ----
+TRITONCLIENT_SCRIPT = r"""
+import base64, io, json, sys
+import numpy as np
+import tritonclient.http as http
+from tritonclient.utils import InferenceServerException
+
+url, token, model, defended, b64 = sys.argv[1:]
+h = {"Authorization": "Bearer " + token}
+c = http.InferenceServerClient(url)
+out = {"live": c.is_server_live(headers=h), "ready": c.is_server_ready(headers=h),
+       "model_ready": c.is_model_ready(defended, headers=h)}
+meta = c.get_model_metadata(model, headers=h)
+out["meta"] = {"name": meta["name"], "inputs": sorted((i["name"], i["datatype"]) for i in meta["inputs"])}
+image = http.InferInput("image", [1], "BYTES")
+image.set_data_from_numpy(np.array([b64.encode()], dtype=np.object_), binary_data=False)
+wanted = [http.InferRequestedOutput(n, binary_data=False) for n in ("label", "probabilities", "entropy")]
+r = c.infer(model, [image], outputs=wanted, headers=h, request_id="tc-1")
+out["bytes"] = {"label": [x.decode() if isinstance(x, bytes) else x for x in r.as_numpy("label").tolist()],
+                "probabilities_shape": list(r.as_numpy("probabilities").shape),
+                "id": r.get_response()["id"]}
+x = np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)
+array = http.InferInput("array", [2, 3, 32, 32], "FP32")
+array.set_data_from_numpy(x, binary_data=False)
+r = c.infer(defended, [array], parameters={"T_f": 1, "R": 3}, headers=h,
+            outputs=[http.InferRequestedOutput("defense_ran", binary_data=False)])
+out["fp32"] = {"parameters": r.get_response()["parameters"], "defense_ran": r.as_numpy("defense_ran").tolist()}
+bad = http.InferInput("image", [1], "FP32")
+bad.set_data_from_numpy(np.zeros(1, dtype=np.float32), binary_data=False)
+try:
+    c.infer(model, [bad], headers=h)
+    out["malformed"] = None
+except InferenceServerException as exc:
+    out["malformed"] = {"status": exc.status(), "message": exc.message()}
+try:
+    c.get_model_metadata(model, headers={"Authorization": "Bearer wrong"})
+    out["wrong_token"] = None
+except InferenceServerException as exc:
+    out["wrong_token"] = {"status": exc.status(), "message": exc.message()}
+print(json.dumps(out))
+"""
+
+
+def test_tritonclient_http_conformance(kserve_server):
+    """tritonclient's HTTP client: readiness, metadata, a BYTES image, an FP32 batch with options
+    as parameters, a malformed request (400 naming the field) and a wrong token (403)."""
+    client, _, port, _ = kserve_server
+    python = runtime_python()
+    probe = subprocess.run([python, "-c", "import tritonclient.http"], capture_output=True, timeout=120)
+    if probe.returncode != 0:
+        pytest.skip("tritonclient[http] is not installed next to kserve (pyproject extra 'kserve')")
+    args = [f"127.0.0.1:{port}", client.token, MODEL, DEFENDED, _b64png(_image(21))]
+    run = subprocess.run([python, "-c", TRITONCLIENT_SCRIPT, *args], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["live"] and out["ready"] and out["model_ready"]
+    assert out["meta"] == {"name": MODEL, "inputs": [["array", "FP32"], ["image", "BYTES"]]}
+    assert out["bytes"]["probabilities_shape"] == [1, 10] and out["bytes"]["id"] == "tc-1"
+    assert out["bytes"]["label"][0] in json.loads(_labels())
+    params = out["fp32"]["parameters"]
+    assert (params["defense"], params["T_f"], params["R"], params["batch_size"]) == ("on", 1, 3, 2)
+    assert out["fp32"]["defense_ran"] == [True, True]
+    assert out["malformed"]["status"] == "400" and "inputs[0].datatype" in out["malformed"]["message"]
+    assert out["wrong_token"]["status"] == "403"

@@ -254,6 +254,18 @@ def _install_auth_and_errors(app, token: Optional[str]) -> None:
         return JSONResponse(exc.to_dict(), status_code=exc.status)
 
     app.add_exception_handler(RequestError, request_error)
+
+    @app.middleware("http")
+    async def oip_bodies_are_json(request, call_next):
+        """An OIP request without the binary extension's header is JSON whatever its Content-Type
+        (tritonclient sends none; KServe would take the body for binary tensors): say so."""
+        if request.method == "POST" and request.url.path.endswith("/infer"):
+            headers = request.scope["headers"]
+            if not any(k == b"inference-header-content-length" for k, _ in headers):
+                kept = [(k, v) for k, v in headers if k != b"content-type"]
+                request.scope["headers"] = [*kept, (b"content-type", b"application/json")]
+        return await call_next(request)
+
     if token is None:
         return
     expected = f"Bearer {token}".encode()
