@@ -410,3 +410,62 @@ def test_tritonclient_http_conformance(kserve_server):
     assert out["fp32"]["defense_ran"] == [True, True]
     assert out["malformed"]["status"] == "400" and "inputs[0].datatype" in out["malformed"]["message"]
     assert out["wrong_token"]["status"] == "403"
+
+
+# ---- the Kubernetes overlay (serving/k8s-kserve), rendered by kustomize and validated ---------------
+def _rendered_overlay():
+    import shutil
+
+    import yaml
+
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("no kubectl to render the kustomize overlay")
+    out = subprocess.run(
+        [kubectl, "kustomize", str(PROJECT_ROOT / "serving" / "k8s-kserve")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def test_the_kserve_overlay_validates_and_its_probes_match_the_runtime():
+    from robustdeq.serving.kserve import K8S_DIR
+    from robustdeq.serving.kserve_runtime import OPEN_PATHS, add_kserve_arguments
+
+    from .k8s_schemas import build_crd_validators, builtin_errors, crd_errors
+
+    validators = build_crd_validators(
+        {
+            ("serving.kserve.io/v1alpha1", "ServingRuntime"): K8S_DIR / "schemas" / "servingruntime-v1alpha1.json",
+            ("serving.kserve.io/v1beta1", "InferenceService"): K8S_DIR / "schemas" / "inferenceservice-v1beta1.json",
+        }
+    )
+    docs = _rendered_overlay()
+    for doc in docs:
+        errors = crd_errors(validators, doc) if "kserve.io" in doc["apiVersion"] else builtin_errors(doc)
+        assert errors == [], (doc["kind"], errors)
+    by_kind = {d["kind"]: d for d in docs}
+    runtime, isvc = by_kind["ServingRuntime"], by_kind["InferenceService"]
+    assert isvc["spec"]["predictor"]["model"]["runtime"] == runtime["metadata"]["name"] == "robustdeq-kserve"
+    assert "v2" in runtime["spec"]["protocolVersions"] and isvc["spec"]["predictor"]["model"]["protocolVersion"] == "v2"
+    container = runtime["spec"]["containers"][0]
+    argv = container["args"]
+    assert argv[:3] == ["python", "-m", "robustdeq.serving.kserve_runtime"]
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_kserve_arguments(parser)
+    args = parser.parse_args(argv[3:])  # the runtime's own parser accepts the manifest's arguments
+    ports = [p["containerPort"] for p in container["ports"]]
+    assert ports[0] == args.http_port and args.bind == "0.0.0.0"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        get = container[probe]["httpGet"]
+        assert get["port"] == args.http_port and get["path"] in OPEN_PATHS
+    assert isvc["spec"]["predictor"]["annotations"]["prometheus.io/port"] == str(args.http_port)
+    policy = by_kind["NetworkPolicy"]
+    assert {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]} == {args.http_port}
+    # --no-auth is only there because the network policy decides who reaches the pod
+    assert args.no_auth and policy["spec"]["ingress"]
