@@ -469,3 +469,31 @@ def test_the_kserve_overlay_validates_and_its_probes_match_the_runtime():
     assert {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]} == {args.http_port}
     # --no-auth is only there because the network policy decides who reaches the pod
     assert args.no_auth and policy["spec"]["ingress"]
+
+
+def test_a_long_defended_request_does_not_hold_up_the_plain_lane_or_the_probes(client):
+    """The defended lane solves in a worker thread: the plain lane and readiness answer meanwhile."""
+    import threading
+
+    xs = np.random.default_rng(5).random((16, 3, 32, 32)).astype(np.float32)
+    body = {
+        "parameters": {"T_f": 1, "R": 50},
+        "inputs": [{"name": "array", "datatype": "FP32", "shape": [16, 3, 32, 32], "data": xs.ravel().tolist()}],
+    }
+    done = {}
+
+    def defended():
+        done["result"] = client.call(f"/v2/models/{DEFENDED}/infer", body)
+        done["at"] = time.monotonic()
+
+    worker = threading.Thread(target=defended)
+    worker.start()
+    time.sleep(0.3)
+    plain = {"instances": [{"b64": _b64png(_image(31))}]}
+    status, answer = client.call(f"/v1/models/{MODEL}:predict", plain)
+    plain_at = time.monotonic()
+    ready = client.call("/v2/health/ready", token=None)[0]
+    worker.join(timeout=300)
+    assert status == 200 and ready == 200
+    assert done["result"][0] == 200, done["result"]
+    assert plain_at < done["at"], "the plain request waited for the defended one"
