@@ -9,6 +9,11 @@
 #       --config /opt/robustdeq/training/configs/mdeq-large-trades-rs.yaml --data torchvision --out runs/mdeq-large
 #
 # Leave out --gpus on a host without an NVIDIA GPU: the same image then serves on the CPU.
+# The KServe runtime instead of TorchServe (OIP v2 and KServe v1 on 8080, metrics on 8080 /metrics,
+# token in /var/lib/robustdeq/kserve/key_file.json; the HEALTHCHECK is TorchServe's, so disable it):
+#   docker build --build-arg KSERVE=1 -t robustdeq-serve-kserve:0.1.0 .
+#   docker run -d --no-healthcheck -p 127.0.0.1:8080:8080 robustdeq-serve-kserve:0.1.0 \
+#       robustdeq serve --runtime kserve --bind 0.0.0.0 --inference-port 8080
 # Ports: 8080 inference API (token authorization on; the key file is /var/lib/robustdeq/key_file.json),
 # 8082 Prometheus metrics, 7070 gRPC inference. The management API (8081) and gRPC management
 # (7071) stay on the container's loopback: use them with `docker exec`.
@@ -52,6 +57,22 @@ RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" torch==2.14.1 to
 COPY pyproject.toml README.md /tmp/src/
 COPY robustdeq /tmp/src/robustdeq
 RUN pip install --no-cache-dir /tmp/src && rm -rf /tmp/src
+
+# The KServe runtime (`robustdeq serve --runtime kserve`), only in an image built with
+# --build-arg KSERVE=1: kserve pins protobuf < 7, so it gets its own venv layered over /opt/venv
+# (docs/serving.md, "The KServe runtime"), with the pins of pyproject.toml's 'kserve' extra.
+ARG KSERVE=0
+COPY pyproject.toml /tmp/kserve/
+RUN if [ "${KSERVE}" = "1" ]; then \
+        python3.11 -m venv /opt/kserve-venv \
+        && python -c "import tomllib; f = open('/tmp/kserve/pyproject.toml', 'rb'); \
+print('\n'.join(tomllib.load(f)['project']['optional-dependencies']['kserve']))" > /tmp/kserve/requirements.txt \
+        && /opt/kserve-venv/bin/pip install --no-cache-dir -r /tmp/kserve/requirements.txt \
+        && python -c "import site; print(site.getsitepackages()[0])" \
+            > /opt/kserve-venv/lib/python3.11/site-packages/robustdeq-main-venv.pth; \
+    fi \
+    && rm -rf /tmp/kserve
+ENV ROBUSTDEQ_KSERVE_PYTHON=/opt/kserve-venv/bin/python
 
 # What `robustdeq serve` reads from $ROBUSTDEQ_HOME: the hardened config, the metric declarations,
 # the handler (to build new archives with `robustdeq archive`), the shipped archives, example images;

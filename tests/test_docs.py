@@ -89,6 +89,12 @@ COVERED = [
     (RD + "compare\\b", "tests/test_evaluation.py::test_cli_compare_prints_mcnemar_table"),
     (RD + "card\\b", "tests/test_cli.py::test_card_prints_the_trade_off_from_any_of_its_homes"),
     (RD + "export\\b", "tests/test_serving.py::test_onnx_export_matches_pytorch_on_real_images"),
+    (RD + "serve --runtime kserve", "tests/test_kserve_runtime.py::test_serve_runtime_kserve_is_the_runtime_process"),
+    (
+        r"python3 -m venv \.cache/kserve-venv|\.venv/bin/python -c \"import site",
+        "tests/test_kserve_runtime.py::test_the_kserve_environment_layers_over_the_project",
+    ),
+    (r"TOKEN=.*kserve/key_file|curl -s localhost:8085/", "tests/test_kserve_runtime.py::test_the_documented_curls"),
     (RD + "serve --bind", DOCKER_TEST),
     (RD + "(serve|stop|predict)\\b", "tests/test_serving_server.py::test_python_client_cli"),
     (RD + "kserve-layout\\b", "tests/test_k8s.py::test_the_layout_builder_writes_config_metrics_and_archives"),

@@ -95,6 +95,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "whose ports you publish). The management API always stays on 127.0.0.1",
     )
     p.add_argument(
+        "--runtime",
+        choices=("torchserve", "kserve"),
+        default="torchserve",
+        help="torchserve (default, what 'make serve' starts) or kserve: KServe's Python ModelServer, OIP v2 REST and "
+        "KServe v1 on --inference-port, in the foreground, from its own environment (docs/serving.md)",
+    )
+    p.add_argument(
         "--gpus",
         type=int,
         default=None,
@@ -162,6 +169,10 @@ def run_archive(args: argparse.Namespace) -> int:
 def run_serve(args: argparse.Namespace) -> int:
     from .server import ServerError, sigterm_as_interrupt, start_server
 
+    if getattr(args, "runtime", "torchserve") == "kserve":
+        from .kserve_runtime import exec_kserve
+
+        return exec_kserve(args)
     if args.foreground:
         sigterm_as_interrupt()
     ports = Ports(args.inference_port, args.management_port, args.metrics_port, *args.grpc_ports)

@@ -1,0 +1,378 @@
+"""``robustdeq serve --runtime kserve``: the shipped archives under KServe's Python ModelServer.
+
+A thin adapter, like ``handlers/robustdeq_handler.py`` is for TorchServe: the model work is
+``robustdeq.serving.engine.InferenceEngine``, the protocols are ``robustdeq.serving.protocols``.
+
+* each archive (``model_store/<name>.mar``, plain and ``-defended`` lanes) is extracted into the
+  run folder and loaded with ``InferenceEngine.from_model_dir`` from its ``model-config.yaml``;
+  :class:`RobustDEQModel` is KServe's ``Model`` (load / preprocess / predict / postprocess);
+* KServe serves OIP v2 REST (``/v2/health/ready``, ``/v2/models/<name>``, ``/v2/models/<name>/ready``,
+  ``/v2/models/<name>/infer``) and KServe v1 (``/v1/models/<name>:predict``); both bodies go
+  through ``protocols.decode``, the same limits and per-request options (body, parameters or
+  ``X-`` headers) as under TorchServe;
+* KServe's ModelServer has no authentication and binds ``0.0.0.0``: this module binds the REST
+  listener to ``--bind`` (127.0.0.1 by default) and adds a bearer-token check to every path but
+  :data:`OPEN_PATHS` (``/``, ``/v2/health/live``, ``/v2/health/ready`` for the probes, ``/metrics``
+  like TorchServe's metrics port); a missing token gets 401, a wrong one 403.
+  ``--no-auth`` leaves authentication to the cluster edge (docs/serving.md);
+* gRPC is off: KServe's gRPC server listens on ``[::]`` with no authentication hook;
+* a bad request gets its 4xx JSON error (``{"error", "reason", "status"}``), never a 5xx.
+
+KServe 0.21 pins protobuf < 7, so it runs from its own virtual environment layered over the
+project's (docs/serving.md, "KServe runtime"); :func:`runtime_python` finds it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import json
+import logging
+import os
+import secrets
+import sys
+import time
+import uuid
+import zipfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "OPEN_PATHS",
+    "extract_archive",
+    "handler_section",
+    "runtime_python",
+    "write_token",
+    "exec_kserve",
+    "main",
+]
+
+LOOPBACK = "127.0.0.1"
+#: paths open without the token: the probes, and /metrics (as TorchServe's metrics port)
+OPEN_PATHS = frozenset({"/", "/v2/health/live", "/v2/health/ready", "/metrics"})
+TOKEN_FILE = "key_file.json"
+#: where the layered KServe environment lives by default (relative to the project root)
+DEFAULT_VENV = Path(".cache") / "kserve-venv"
+
+
+# ---- files: archives, token, the runtime's Python (no kserve, no torch needed) ------------------
+def extract_archive(mar: Path, dest: Path) -> Path:
+    """Extract a ``.mar`` (a zip) into ``dest/<archive name>`` and return that folder."""
+    out = Path(dest) / Path(mar).stem
+    out.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(mar) as zf:
+        for member in zf.namelist():  # zipfile strips '..' and absolute parts; refuse them anyway
+            if member.startswith("/") or ".." in Path(member).parts:
+                raise ValueError(f"{mar}: unsafe member path {member!r}")
+        zf.extractall(out)
+    return out
+
+
+def handler_section(model_dir: Path) -> Dict[str, Any]:
+    """The ``handler`` section of an extracted archive's ``model-config.yaml``."""
+    import yaml
+
+    path = Path(model_dir) / "model-config.yaml"
+    config = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return dict((config or {}).get("handler") or {})
+
+
+def write_token(run_dir: Path, token: Optional[str] = None) -> Tuple[str, Path]:
+    """The inference token (``token``, $ROBUSTDEQ_TOKEN or a fresh one), written to
+    ``run_dir/key_file.json`` (mode 0600) in TorchServe's key-file layout, so that
+    ``runfolder.read_keys`` and ``robustdeq predict`` find it."""
+    token = token or os.environ.get("ROBUSTDEQ_TOKEN") or secrets.token_urlsafe(24)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / TOKEN_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump({"inference": {"key": token}, "management": {"key": token}}, fh)
+    return token, path
+
+
+def runtime_python(project_root: Optional[Path] = None) -> Optional[str]:
+    """The Python that can import kserve: $ROBUSTDEQ_KSERVE_PYTHON, the layered venv under
+    ``.cache/kserve-venv``, or this one; None when none can."""
+    import subprocess
+
+    root = Path(project_root or Path(__file__).resolve().parents[2])
+    candidates = [
+        os.environ.get("ROBUSTDEQ_KSERVE_PYTHON"),
+        str(root / DEFAULT_VENV / "bin" / "python"),
+        sys.executable,
+    ]
+    for python in candidates:
+        if not python or not Path(python).exists():
+            continue
+        probe = subprocess.run([python, "-c", "import kserve, torch"], capture_output=True, timeout=120)
+        if probe.returncode == 0:
+            return python
+    return None
+
+
+# ---- the server (needs kserve) -----------------------------------------------------------------
+def _oip_body(request) -> Dict[str, Any]:
+    """KServe's parsed ``InferRequest`` back to the OIP JSON body ``protocols.decode`` reads."""
+    inputs = []
+    for tensor in request.inputs:
+        item: Dict[str, Any] = {"name": tensor.name, "shape": list(tensor.shape), "datatype": tensor.datatype}
+        if tensor.data is not None:
+            item["data"] = tensor.data
+        if tensor.parameters:
+            item["parameters"] = dict(tensor.parameters)
+        inputs.append(item)
+    body: Dict[str, Any] = {"inputs": inputs}
+    if request.id is not None:
+        body["id"] = request.id
+    if request.parameters:
+        body["parameters"] = dict(request.parameters)
+    if request.request_outputs:
+        body["outputs"] = [{"name": o.name} for o in request.request_outputs]
+    return body
+
+
+def build_model_class():
+    """KServe's ``Model`` subclass (built here so that importing this module needs no kserve)."""
+    import kserve
+
+    from .engine import InferenceEngine
+    from .oip import INPUTS, OUTPUTS
+    from .options import RequestError
+    from .protocols import decode
+
+    class RobustDEQModel(kserve.Model):
+        """One archive (one lane) behind KServe's load / preprocess / predict / postprocess."""
+
+        def __init__(self, name: str, model_dir: Path):
+            super().__init__(name)
+            self.model_dir = Path(model_dir)
+            self.engine: Optional[InferenceEngine] = None
+            self._lock = asyncio.Lock()
+
+        def load(self) -> bool:
+            self.engine = InferenceEngine.from_model_dir(
+                str(self.model_dir), handler_section(self.model_dir), "cpu", self.name
+            )
+            logger.info("RobustDEQ %s loaded, lane %s", self.name, self.engine.limits.lane)
+            self.ready = True
+            return self.ready
+
+        async def get_input_types(self) -> List[Dict[str, Any]]:
+            shape = [-1, *self.engine.input_shape]
+            return [{"name": "image", "datatype": INPUTS["image"], "shape": [-1]},
+                    {"name": "array", "datatype": INPUTS["array"], "shape": shape}]  # fmt: skip
+
+        async def get_output_types(self) -> List[Dict[str, Any]]:
+            return [{"name": name, "datatype": datatype, "shape": [-1]} for name, datatype, _ in OUTPUTS]
+
+        def preprocess(self, payload, headers: Optional[Dict[str, str]] = None):
+            """The body (KServe v1 dict or OIP ``InferRequest``) -> (protocols.Request, options)."""
+            engine, headers = self.engine, dict(headers or {})
+            value = payload if isinstance(payload, (dict, list, str, bytes)) else _oip_body(payload)
+            limits = engine.limits
+            try:
+                request = decode(value, "application/json", engine.input_shape, limits.max_image_side,
+                                 limits.max_image_pixels, headers)  # fmt: skip
+                if request.protocol == "describe":
+                    return request, []
+                return request, request.options(headers, engine)
+            except RequestError as err:
+                _observe(self.name, [], [err], 0.0)
+                raise
+            except Exception:  # a payload the decoder did not foresee is still the client's
+                logger.exception("a request could not be decoded")
+                err = RequestError(400, "undecodable_request", "the request could not be decoded")
+                _observe(self.name, [], [err], 0.0)
+                raise err from None
+
+        async def predict(self, decoded, headers=None, response_headers=None):
+            import torch
+
+            request, options = decoded
+            if request.protocol == "describe":
+                return self.engine.describe()
+            start = time.perf_counter()
+            async with self._lock:  # one solve at a time per lane, as one TorchServe worker does
+                try:
+                    answers, _ = await asyncio.to_thread(self.engine.predict, torch.stack(request.inputs), options)
+                except RequestError:
+                    raise
+                except Exception:
+                    logger.exception("%s: the model failed on a request", self.name)
+                    raise RequestError(
+                        500, "internal_error", "the model failed on this request (see the log)"
+                    ) from None
+            _observe(self.engine.name, answers, [], time.perf_counter() - start)
+            response = request.respond(answers, self.engine)
+            if request.protocol == "oip-v2" and "id" not in response:  # KServe's response model requires one
+                response = {"id": str(uuid.uuid4()), **response}
+            return response
+
+        def postprocess(self, result, headers=None, response_headers=None):
+            return result
+
+    return RobustDEQModel
+
+
+_PROM: Dict[str, Any] = {}
+
+
+def _observe(model: str, answers, rejected, elapsed: float) -> None:
+    """The project's metrics (``robustdeq.serving.metrics``, same names and labels) on KServe's
+    Prometheus registry, served at ``/metrics`` next to KServe's own."""
+    try:
+        import prometheus_client as prom
+
+        from .metrics import METRICS, observations
+
+        specs = {m.name: m for m in METRICS}
+        for name, value, dims in observations(model, answers, rejected, elapsed, len(answers)):
+            if name == "robustdeq_batch_size" and not answers:
+                continue
+            spec, metric = specs[name], _PROM.get(name)
+            if metric is None:
+                cls = {"counter": prom.Counter, "gauge": prom.Gauge, "histogram": prom.Histogram}[spec.kind]
+                metric = _PROM[name] = cls(name, spec.help, labelnames=list(spec.dimensions))
+            labelled = metric.labels(*[str(v) for v in dims])
+            getattr(labelled, {"counter": "inc", "gauge": "set", "histogram": "observe"}[spec.kind])(value)
+    except Exception:  # metrics must never fail a request
+        logger.exception("could not record metrics")
+
+
+def _install_auth_and_errors(app, token: Optional[str]) -> None:
+    """Bearer-token check (constant-time) on every path but :data:`OPEN_PATHS`, and the
+    project's JSON error shape for ``RequestError``."""
+    from fastapi.responses import JSONResponse
+
+    from .options import RequestError
+
+    async def request_error(request, exc: RequestError):
+        return JSONResponse(exc.to_dict(), status_code=exc.status)
+
+    app.add_exception_handler(RequestError, request_error)
+
+    @app.middleware("http")
+    async def oip_bodies_are_json(request, call_next):
+        """An OIP request without the binary extension's header is JSON whatever its Content-Type
+        (tritonclient sends none; KServe would take the body for binary tensors): say so."""
+        if request.method == "POST" and request.url.path.endswith("/infer"):
+            headers = request.scope["headers"]
+            if not any(k == b"inference-header-content-length" for k, _ in headers):
+                kept = [(k, v) for k, v in headers if k != b"content-type"]
+                request.scope["headers"] = [*kept, (b"content-type", b"application/json")]
+        return await call_next(request)
+
+    if token is None:
+        return
+    expected = f"Bearer {token}".encode()
+
+    @app.middleware("http")
+    async def bearer_token(request, call_next):
+        if request.url.path in OPEN_PATHS:
+            return await call_next(request)
+        sent = request.headers.get("authorization")
+        if not sent:
+            body = {"error": "missing token: send 'Authorization: Bearer <token>'", "reason": "unauthorized",
+                    "status": 401}  # fmt: skip
+            return JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(sent.encode(), expected):
+            return JSONResponse({"error": "invalid token", "reason": "forbidden", "status": 403}, status_code=403)
+        return await call_next(request)
+
+
+def _bind_rest_server(host: str) -> None:
+    """KServe's RESTServer hard-codes host 0.0.0.0: bind it to ``host`` instead."""
+    import kserve.model_server as model_server
+
+    base = model_server.RESTServer
+
+    class BoundRESTServer(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.config.host = host
+
+    model_server.RESTServer = BoundRESTServer
+
+
+def add_kserve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models", default="deq-small,lyadeq-small", help="models (each with its -defended lane)")
+    p.add_argument("--store", default="model_store")
+    p.add_argument("--run-dir", default=".serve-kserve", help="run folder: extracted archives and the token file")
+    p.add_argument("--http-port", type=int, default=8085)
+    p.add_argument("--bind", default=LOOPBACK, help="REST listener address (default 127.0.0.1)")
+    p.add_argument("--lanes", default="plain,defended")
+    p.add_argument(
+        "--no-auth", action="store_true", help="no token check: authentication is the cluster edge's (docs/serving.md)"
+    )
+
+
+def archives_for(models: List[str], store: Path, lanes: Tuple[str, ...]) -> List[Path]:
+    out = []
+    for model in models:
+        for lane in lanes:
+            name = model if lane == "plain" else f"{model}-{lane}"
+            mar = Path(store) / f"{name}.mar"
+            if not mar.is_file():
+                raise FileNotFoundError(f"no archive {mar} (build it with 'robustdeq archive --shipped')")
+            out.append(mar)
+    return out
+
+
+def exec_kserve(args: argparse.Namespace) -> int:
+    """``robustdeq serve --runtime kserve``: replace this process with the runtime, started from
+    the Python that has kserve (:func:`runtime_python`), with the serve command's models, store,
+    inference port and bind address; its files go to ``RUN_DIR/kserve`` (a TorchServe started from
+    the same run folder keeps its own key file)."""
+    python = runtime_python()
+    if python is None:
+        print(
+            "robustdeq serve: error: no Python with kserve found: set ROBUSTDEQ_KSERVE_PYTHON or build "
+            f"{DEFAULT_VENV} (docs/serving.md, 'KServe runtime')",
+            file=sys.stderr,
+        )
+        return 1
+    root = str(Path(__file__).resolve().parents[2])
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
+    argv = [python, "-m", "robustdeq.serving.kserve_runtime", "--models", args.models, "--store", str(args.store)]
+    argv += ["--run-dir", str(Path(args.run_dir) / "kserve"), "--http-port", str(args.inference_port)]
+    argv += ["--bind", args.bind]
+    sys.stdout.flush()
+    os.execv(python, argv)
+    return 0  # not reached
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="robustdeq serve --runtime kserve", description=__doc__.split("\n")[0])
+    add_kserve_arguments(p)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    import kserve
+    import kserve.model_server as model_server
+
+    run_dir = Path(args.run_dir)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    lanes = tuple(x.strip() for x in args.lanes.split(",") if x.strip())
+    mars = archives_for(models, Path(args.store), lanes)
+    token = None
+    if not args.no_auth:
+        token, path = write_token(run_dir)
+        print(f"token in {path} (inference.key)", flush=True)
+    _bind_rest_server(args.bind)
+    _install_auth_and_errors(model_server.app, token)
+    model_cls = build_model_class()
+    served = []
+    for mar in mars:
+        model = model_cls(mar.stem, extract_archive(mar, run_dir / "models"))
+        model.load()
+        served.append(model)
+    print(f"KServe ModelServer on http://{args.bind}:{args.http_port}: {', '.join(m.name for m in served)}", flush=True)
+    kserve.ModelServer(http_port=args.http_port, enable_grpc=False, workers=1).start(served)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
