@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup serve stop archives demo test lint format bench gpu-check loadtest loadtest-batching train-shipped evaluate-shipped clean help
+.PHONY: kserve-env setup serve stop archives demo test lint format bench gpu-check loadtest loadtest-batching train-shipped evaluate-shipped clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -29,7 +29,19 @@ archives: setup  ## rebuild model_store/*.mar from the shipped checkpoints (byte
 demo: setup  ## classify test images in-process, show the dynamics and the defense
 	$(VENV)/bin/robustdeq demo
 
-test: setup  ## lint and run the test suite
+KSERVE_VENV := .cache/kserve-venv
+KSERVE_STAMP := $(KSERVE_VENV)/.installed
+
+kserve-env: $(KSERVE_STAMP)  ## the second runtime's environment: kserve + tritonclient (pyproject extra 'kserve') layered over .venv
+
+$(KSERVE_STAMP): pyproject.toml $(STAMP)
+	$(PYTHON) -m venv $(KSERVE_VENV)
+	$(KSERVE_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(KSERVE_VENV)/bin/python -m pip install --quiet $$($(PY) -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['kserve']))")
+	$(PY) -c "import site; print(site.getsitepackages()[0])" > "$$($(KSERVE_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/robustdeq-main-venv.pth"
+	@touch $@
+
+test: setup kserve-env  ## lint and run the test suite (TorchServe and the KServe runtime)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest

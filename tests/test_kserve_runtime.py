@@ -472,7 +472,10 @@ def test_the_kserve_overlay_validates_and_its_probes_match_the_runtime():
 
 
 def test_a_long_defended_request_does_not_hold_up_the_plain_lane_or_the_probes(client):
-    """The defended lane solves in a worker thread: the plain lane and readiness answer meanwhile."""
+    """The defended lane solves in a worker thread: the plain lane and readiness answer meanwhile.
+
+    Judged by ratios, not clocks: a plain request sent while the defended one runs must take a
+    small part of the defended request's time (were it queued behind it, it would take most)."""
     import threading
 
     xs = np.random.default_rng(5).random((16, 3, 32, 32)).astype(np.float32)
@@ -483,17 +486,22 @@ def test_a_long_defended_request_does_not_hold_up_the_plain_lane_or_the_probes(c
     done = {}
 
     def defended():
-        done["result"] = client.call(f"/v2/models/{DEFENDED}/infer", body)
-        done["at"] = time.monotonic()
+        try:
+            done["result"] = client.call(f"/v2/models/{DEFENDED}/infer", body)
+        finally:
+            done["at"] = time.monotonic()
 
+    started = time.monotonic()
     worker = threading.Thread(target=defended)
     worker.start()
     time.sleep(0.3)
     plain = {"instances": [{"b64": _b64png(_image(31))}]}
+    plain_sent = time.monotonic()
     status, answer = client.call(f"/v1/models/{MODEL}:predict", plain)
-    plain_at = time.monotonic()
+    plain_took = time.monotonic() - plain_sent
     ready = client.call("/v2/health/ready", token=None)[0]
     worker.join(timeout=300)
     assert status == 200 and ready == 200
-    assert done["result"][0] == 200, done["result"]
-    assert plain_at < done["at"], "the plain request waited for the defended one"
+    assert done.get("result", (None,))[0] == 200, done
+    defended_took = done["at"] - started
+    assert plain_took < 0.5 * defended_took, f"plain {plain_took:.1f} s during a defended {defended_took:.1f} s"
