@@ -91,7 +91,7 @@ COVERED = [
     (RD + "export\\b", "tests/test_serving.py::test_onnx_export_matches_pytorch_on_real_images"),
     (RD + "serve --runtime kserve", "tests/test_kserve_runtime.py::test_serve_runtime_kserve_is_the_runtime_process"),
     (
-        r"python3 -m venv \.cache/kserve-venv|\.venv/bin/python -c \"import site",
+        r"make kserve-env\b|python3 -m venv \.cache/kserve-venv|\.venv/bin/python -c \"import site",
         "tests/test_kserve_runtime.py::test_the_kserve_environment_layers_over_the_project",
     ),
     (r"TOKEN=.*kserve/key_file|curl -s localhost:8085/", "tests/test_kserve_runtime.py::test_the_documented_curls"),
