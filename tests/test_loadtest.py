@@ -168,6 +168,10 @@ def test_smoke_run_end_to_end_has_no_failures_and_exact_counts(tmp_path):
         locust_total = next(int(r["Request Count"]) for r in csv.DictReader(fh) if r["Name"] == "Aggregated")
     recorded = sum(r["requests"] for r in rows.values())
     assert recorded == results["smoke"]["requests"] and locust_total <= recorded <= locust_total + 4
+    # the machine's load is stated (issue 31 §4): the test's own cores are part of the busy ones
+    machine = results["machine"]
+    assert 0 < machine["test_cores"] and machine["others_cores"] >= 0 and machine["cpus"] == os.cpu_count()
+    assert "- machine load: 1-minute load average" in (out / "report.md").read_text()
     assert (out / "smoke.html").stat().st_size > 1000 and "## Smoke" in (out / "report.md").read_text()
     # the server's clocks, read from the real metrics port around one more plain stage
     b = results["smoke"]["breakdown"]
@@ -210,3 +214,24 @@ def test_the_locustfile_does_not_load_torch():
     out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
                          check=True)  # fmt: skip
     assert out.stdout.split() == ["False", DEFAULT_MODELS[0]]
+
+
+def test_the_report_warns_when_the_machine_was_not_idle():
+    from robustdeq.loadtest.machine import IDLE_OTHERS_CORES, MachineLoad, load_lines
+
+    idle = {"load_1min_before": 0.1, "machine_busy_cores": 1.9, "test_cores": 1.85, "others_cores": 0.05, "cpus": 2}
+    assert len(load_lines(idle)) == 1 and "warning" not in load_lines(idle)[0]
+    busy = {**idle, "others_cores": IDLE_OTHERS_CORES + 0.5}
+    assert "the machine was not idle" in load_lines(busy)[-1]
+    loaded_before = {**idle, "load_1min_before": 3.0}
+    assert "the machine was not idle" in load_lines(loaded_before)[-1]
+    assert load_lines(None) == []
+    # a real measurement: this process spinning is the test's own work, not another's
+    import time
+
+    probe = MachineLoad()
+    end = time.process_time() + 0.3
+    while time.process_time() < end:
+        pass
+    measured = probe.finish(server_seconds=0.0)
+    assert measured["test_cores"] > 0.3 and measured["machine_busy_cores"] >= measured["test_cores"] - 0.2

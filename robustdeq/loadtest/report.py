@@ -6,6 +6,8 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from .machine import load_lines
+
 __all__ = ["render_markdown", "write_plots"]
 
 
@@ -87,6 +89,7 @@ def render_markdown(results: Dict[str, Any], plots: Sequence[Path] = ()) -> str:
         f"- payloads: {results['payloads']['images']} CIFAR-10 test images, each answer checked against the "
         f"library's label ({results['payloads']['dropped_near_ties']} near-ties left out)",
         "- percentiles: nearest rank over every recorded request (not Locust's rounded buckets)",
+        *load_lines(results.get("machine")),
     ]
     verdicts = results.get("verdicts") or {}
     if verdicts:

@@ -343,6 +343,7 @@ def _batching(args, out: Path, payloads: PayloadSet, settings, log) -> List[Dict
 def run_loadtest(args: argparse.Namespace) -> int:
     from ..serving.archive import DEFAULT_STORE, SHIPPED
     from ..serving.server import stop_server
+    from .machine import MachineLoad
     from .report import render_markdown, write_plots
 
     log = print
@@ -384,6 +385,8 @@ def run_loadtest(args: argparse.Namespace) -> int:
                 f"{ip['threads']} thread(s)"
             )
         run = _start(out, out / "serve", args.model, store, out / "payloads.json", args.settle, log)
+        machine = MachineLoad()
+        server_before = sum(_server_cpu_seconds(run.server_pid).values())
         try:
             if scenario == "smoke":
                 results["smoke"] = smoke(run, args.stage_seconds)
@@ -399,6 +402,8 @@ def run_loadtest(args: argparse.Namespace) -> int:
             if scenario in ("full", "soak"):
                 results["soak"] = soak(run, 0.7 * saturated, args.soak_seconds)
         finally:
+            server_seconds = sum(_server_cpu_seconds(run.server_pid).values()) - server_before
+            results["machine"] = machine.finish(server_seconds)
             stop_server(out / "serve", log=lambda *_: None)
     results["verdicts"] = _verdicts(results)
     results["seconds"] = (datetime.now(timezone.utc) - started).total_seconds()
