@@ -33,7 +33,10 @@ RUNS = (
     "deq-small-clean",
     "lyadeq-small-clean",
     "deq-small-nfgsm-rs-long",
+    "deq-small-nfgsm-rs-100",
 )
+#: a run that continues another from its last state: its log starts with the other's history
+CONTINUES = {"deq-small-nfgsm-rs-100": "deq-small-nfgsm-rs-long"}
 
 
 def _records(folder: Path) -> List[dict]:
@@ -41,9 +44,14 @@ def _records(folder: Path) -> List[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
-def chunk_rows(folder: Path) -> List[dict]:
-    """One dict per chunk of the run in ``folder``: where it ended and what validation said then."""
+def chunk_rows(folder: Path, after_step: int = 0) -> List[dict]:
+    """One dict per chunk of the run in ``folder``: where it ended and what validation said then.
+    ``after_step``: the run continues another that ended there; only its own chunks count."""
     records = _records(folder)
+    if after_step:  # the continued run's history: the continuation's chunks start after its last step
+        records = [r for i, r in enumerate(records) if r.get("step", 0) > after_step or r["type"] == "epoch"]
+        first = next((i for i, r in enumerate(records) if r.get("step", 0) > after_step), len(records))
+        records = records[first:]
     if not records:
         return []
     finished = (folder / "summary.json").is_file() and (folder / "model.pt").is_file()
@@ -79,6 +87,11 @@ def chunk_rows(folder: Path) -> List[dict]:
     return rows
 
 
+def _last_step(folder: Path) -> int:
+    """The last step a (finished) run's log records."""
+    return max((r.get("step", 0) for r in _records(folder)), default=0)
+
+
 def _epochs_planned(folder: Path) -> Optional[int]:
     import yaml
 
@@ -98,7 +111,8 @@ def markdown_table(root: Path, runs: Sequence[str] = RUNS) -> str:
     ]
     for run in runs:
         folder = root / run
-        rows = chunk_rows(folder)
+        continued = CONTINUES.get(run)
+        rows = chunk_rows(folder, _last_step(root / continued) if continued else 0)
         if not rows:
             lines.append(f"| `{run}` | – | not started | | | | | | |")
             continue
