@@ -23,11 +23,11 @@ SQUARE_CHECK = "Square alone is not stronger than the white-box worst case"
 
 
 def test_each_family_is_declared_once_and_the_lists_derive_from_it():
-    assert FAMILIES == ("pgd", "ifgsm", "intermediate", "apgd-ce", "apgd-t", "square", "adaptive", "cross-model",
-                        "radii", "analyses", "checks")  # fmt: skip
+    assert FAMILIES == ("pgd", "ifgsm", "intermediate", "apgd-ce", "apgd-t", "square", "autoattack", "adaptive",
+                        "cross-model", "radii", "analyses", "checks")  # fmt: skip
     assert SHARDABLE_FAMILIES == tuple(f for f in FAMILIES if f not in ("analyses", "checks"))
-    assert SURROGATE_FAMILIES == {"intermediate", "apgd-ce", "apgd-t", "adaptive", "analyses"}
-    assert [f for f in FAMILIES if REGISTRY[f].undefended] == list(FAMILIES[:6])
+    assert SURROGATE_FAMILIES == {"intermediate", "apgd-ce", "apgd-t", "autoattack", "adaptive", "analyses"}
+    assert [f for f in FAMILIES if REGISTRY[f].undefended] == list(FAMILIES[:7])
 
 
 @pytest.mark.parametrize(

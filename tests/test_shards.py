@@ -61,9 +61,9 @@ def single_and_sharded(tmp_path_factory):
 
 
 def _shard_families():
-    from robustdeq.evaluation.suite import SHARDABLE_FAMILIES
+    from robustdeq.evaluation.suite import DEFAULT_SHARD_FAMILIES
 
-    return list(SHARDABLE_FAMILIES)
+    return list(DEFAULT_SHARD_FAMILIES)
 
 
 def _results(folder: Path) -> dict:
