@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..attacks import margin, pgd_linf
-from ..data.run_splits import split_of_run
+from ..data.run_splits import materialised, split_of_run
 from ..defense import DefenseSetting
 from ..dynamics import phantom_forward
 from ..stats import Proportion
@@ -48,10 +48,8 @@ def evaluation_subset(split, n: int, seed: int) -> Tuple[Tensor, Tensor, Tensor]
     """The fixed test subset: a seeded permutation of the test split (the archive stores it
     grouped by class), first ``n``. Returns (indices into the split, images uint8, labels)."""
     order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:n]
-    if hasattr(split, "materialise"):  # a streaming split (your own images): decode only the subset
-        sub = split.subset(order).materialise()
-        return order, sub.images, sub.labels
-    return order, split.images[order], split.labels[order]
+    sub = materialised(split, order)  # a streaming split (your own images) decodes only the subset
+    return order, sub.images, sub.labels
 
 
 def proportion(correct: Tensor) -> dict:
