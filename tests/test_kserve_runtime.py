@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import io
+import ipaddress
 import json
 import os
 import socket
@@ -41,8 +42,8 @@ def _free_port() -> int:
 
 
 class Client:
-    def __init__(self, url: str, token: str):
-        self.url, self.token = url, token
+    def __init__(self, url: str, token: str, grpc_port: int = 0):
+        self.url, self.token, self.grpc_port = url, token, grpc_port
 
     def call(self, path, body=None, token="default", content_type="application/json", headers=None):
         """(status, decoded JSON or text) for GET (no body) or POST."""
@@ -72,13 +73,13 @@ def kserve_server(tmp_path_factory):
     if not (store / f"{MODEL}.mar").is_file():
         pytest.skip("no shipped deq-tiny archives in model_store/")
     run_dir = tmp_path_factory.mktemp("kserve-run")
-    port = _free_port()
+    port, grpc_port = _free_port(), _free_port()
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     env.pop("ROBUSTDEQ_TOKEN", None)
     log = open(run_dir / "server.log", "wb")
     # the documented command: it replaces itself with the runtime (from the Python that has kserve)
     cmd = [sys.executable, "-m", "robustdeq", "serve", "--runtime", "kserve", "--models", MODEL, "--store", str(store)]
-    cmd += ["--run-dir", str(run_dir), "--inference-port", str(port)]
+    cmd += ["--run-dir", str(run_dir), "--inference-port", str(port), "--grpc-ports", str(grpc_port), "0"]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=PROJECT_ROOT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -96,7 +97,7 @@ def kserve_server(tmp_path_factory):
                 pytest.fail("the KServe runtime was not ready in 180 s")
             time.sleep(0.5)
         token = json.loads((run_dir / "kserve" / "key_file.json").read_text())["inference"]["key"]
-        yield Client(url, token), proc, port, run_dir
+        yield Client(url, token, grpc_port), proc, port, run_dir
     finally:
         proc.terminate()
         try:
@@ -141,9 +142,10 @@ def test_probes_need_no_token_and_the_rest_does(client, kserve_server):
 
 
 def test_listens_on_loopback_only(kserve_server):
-    _, proc, port, _ = kserve_server
-    addresses = [a for a in _listen_addresses(proc.pid) if a[1] == port]
-    assert addresses and all(host == "127.0.0.1" for host, _ in addresses), addresses
+    client, proc, port, _ = kserve_server
+    for listener in (port, client.grpc_port):  # REST and gRPC
+        addresses = [a for a in _listen_addresses(proc.pid) if a[1] == listener]
+        assert addresses and all(host == "127.0.0.1" for host, _ in addresses), (listener, addresses)
 
 
 def _listen_addresses(pid: int):
@@ -167,8 +169,10 @@ def _listen_addresses(pid: int):
                     host_hex, port_hex = local.split(":")
                     if len(host_hex) == 8:
                         host = socket.inet_ntoa(bytes.fromhex(host_hex)[::-1])
-                    else:
-                        host = "ipv6:" + host_hex
+                    else:  # four little-endian 32-bit words; an IPv4-mapped address is reported as IPv4
+                        words = b"".join(bytes.fromhex(host_hex[i : i + 8])[::-1] for i in range(0, 32, 8))
+                        address = ipaddress.IPv6Address(words)
+                        host = str(address.ipv4_mapped or address)
                     out.append((host, int(port_hex, 16)))
     return out
 
@@ -410,6 +414,92 @@ def test_tritonclient_http_conformance(kserve_server):
     assert out["fp32"]["defense_ran"] == [True, True]
     assert out["malformed"]["status"] == "400" and "inputs[0].datatype" in out["malformed"]["message"]
     assert out["wrong_token"]["status"] == "403"
+
+
+TRITONCLIENT_GRPC_SCRIPT = r"""
+import base64, json, sys
+import numpy as np
+import tritonclient.grpc as g
+from tritonclient.utils import InferenceServerException
+
+url, token, model, defended, b64 = sys.argv[1:]
+h = {"authorization": "Bearer " + token}
+c = g.InferenceServerClient(url)
+out = {"live": c.is_server_live(), "ready": c.is_server_ready(), "model_ready": c.is_model_ready(defended, headers=h)}
+meta = c.get_model_metadata(model, headers=h, as_json=True)
+out["meta"] = {"name": meta["name"], "inputs": sorted((i["name"], i["datatype"]) for i in meta["inputs"])}
+
+
+def params(result):
+    return {k: getattr(v, v.WhichOneof("parameter_choice")) for k, v in result.get_response().parameters.items()}
+
+
+def error(call):
+    try:
+        call()
+    except InferenceServerException as exc:
+        return {"status": exc.status(), "message": exc.message()}
+    return None
+
+
+image = g.InferInput("image", [1], "BYTES")
+image.set_data_from_numpy(np.array([base64.b64decode(b64)], dtype=np.object_))  # raw image bytes
+wanted = [g.InferRequestedOutput(n) for n in ("label", "probabilities", "entropy")]
+r = c.infer(model, [image], outputs=wanted, headers=h, request_id="tc-g1")
+out["bytes"] = {"label": [x.decode() for x in r.as_numpy("label").tolist()],
+                "probabilities_shape": list(r.as_numpy("probabilities").shape),
+                "outputs": [o.name for o in r.get_response().outputs], "id": r.get_response().id}
+x = np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)
+array = g.InferInput("array", [2, 3, 32, 32], "FP32")
+array.set_data_from_numpy(x)
+r = c.infer(defended, [array], parameters={"T_f": 1, "R": 3, "beta": "2/255"}, headers=h,
+            outputs=[g.InferRequestedOutput("defense_ran")])
+out["fp32"] = {"parameters": params(r), "defense_ran": r.as_numpy("defense_ran").tolist()}
+bad = g.InferInput("image", [1], "FP32")
+bad.set_data_from_numpy(np.zeros(1, dtype=np.float32))
+out["malformed"] = error(lambda: c.infer(model, [bad], headers=h))
+junk = g.InferInput("image", [1], "BYTES")
+junk.set_data_from_numpy(np.array([b"not an image"], dtype=np.object_))
+out["not_an_image"] = error(lambda: c.infer(model, [junk], headers=h))
+out["float_parameter"] = error(lambda: c.infer(defended, [image], parameters={"beta": 0.01}, headers=h))
+out["absurd_R"] = error(lambda: c.infer(defended, [image], parameters={"R": 10**6}, headers=h))
+out["unknown_model"] = error(lambda: c.infer("no-such-model", [image], headers=h))
+out["no_token"] = error(lambda: c.get_model_metadata(model))
+out["wrong_token"] = error(lambda: c.get_model_metadata(model, headers={"authorization": "Bearer wrong"}))
+print(json.dumps(out))
+"""
+
+
+def test_tritonclient_grpc_conformance(kserve_server):
+    """tritonclient's gRPC client on the runtime's OIP v2 gRPC port: probes without a token,
+    readiness and metadata, a BYTES image (raw bytes), an FP32 batch with options as parameters,
+    and the errors (INVALID_ARGUMENT naming the field, NOT_FOUND, UNAUTHENTICATED, PERMISSION_DENIED)."""
+    client, proc, _, _ = kserve_server
+    python = runtime_python()
+    probe = subprocess.run([python, "-c", "import tritonclient.grpc"], capture_output=True, timeout=120)
+    if probe.returncode != 0:
+        pytest.skip("tritonclient[grpc] is not installed next to kserve (pyproject extra 'kserve')")
+    args = [f"127.0.0.1:{client.grpc_port}", client.token, MODEL, DEFENDED, _b64png(_image(22))]
+    run = subprocess.run([python, "-c", TRITONCLIENT_GRPC_SCRIPT, *args], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["live"] and out["ready"] and out["model_ready"]
+    assert out["meta"] == {"name": MODEL, "inputs": [["array", "FP32"], ["image", "BYTES"]]}
+    assert out["bytes"]["outputs"] == ["label", "probabilities", "entropy"] and out["bytes"]["id"] == "tc-g1"
+    assert out["bytes"]["probabilities_shape"] == [1, 10] and out["bytes"]["label"][0] in json.loads(_labels())
+    params = out["fp32"]["parameters"]
+    assert (params["defense"], params["T_f"], params["R"], params["batch_size"]) == ("on", 1, 3, 2)
+    assert abs(float(params["beta"]) - 2 / 255) < 1e-6  # a float goes back as a string
+    assert out["fp32"]["defense_ran"] == [True, True]
+    invalid = "StatusCode.INVALID_ARGUMENT"
+    assert out["malformed"]["status"] == invalid and "inputs[0].datatype" in out["malformed"]["message"]
+    assert out["not_an_image"]["status"] == invalid and "inputs[0].data[0]" in out["not_an_image"]["message"]
+    assert out["float_parameter"]["status"] == invalid and "parameters.beta" in out["float_parameter"]["message"]
+    assert out["absurd_R"]["status"] == invalid and "R" in out["absurd_R"]["message"]
+    assert out["unknown_model"]["status"] == "StatusCode.NOT_FOUND"
+    assert out["no_token"]["status"] == "StatusCode.UNAUTHENTICATED"
+    assert out["wrong_token"]["status"] == "StatusCode.PERMISSION_DENIED"
+    assert proc.poll() is None  # the runtime survived every error
 
 
 # ---- the Kubernetes overlay (serving/k8s-kserve), rendered by kustomize and validated ---------------

@@ -10,8 +10,10 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import signal
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -186,6 +188,83 @@ def test_kserve_v1_b64_and_oip_v2_over_http(server, client, cifar_test):
     for path in ("/v2/health/ready", "/v2/health/live", "/v2/models/deq-tiny", "/v2/models/deq-tiny/ready"):
         status, _ = http_get(server.inference_url + path, keys["inference"])
         assert status == 404, (path, status)
+
+
+TRITONCLIENT_TORCHSERVE_SCRIPT = r"""
+import json, sys
+import numpy as np
+import tritonclient.grpc as g
+import tritonclient.http as http
+from tritonclient.utils import InferenceServerException
+
+url, grpc_url, token, b64 = sys.argv[1:]
+h = {"Authorization": "Bearer " + token}
+c = http.InferenceServerClient(url)
+
+
+def error(call):
+    try:
+        call()
+    except InferenceServerException as exc:
+        return {"status": exc.status(), "message": exc.message()}
+    return None
+
+
+image = http.InferInput("image", [1], "BYTES")
+image.set_data_from_numpy(np.array([b64.encode()], dtype=np.object_), binary_data=False)
+r = c.infer("deq-tiny", [image], headers=h, request_id="ts-1",
+            outputs=[http.InferRequestedOutput(n, binary_data=False) for n in ("label", "probabilities")])
+out = {"bytes": {"label": [x.decode() if isinstance(x, bytes) else x for x in r.as_numpy("label").tolist()],
+                 "probabilities_shape": list(r.as_numpy("probabilities").shape), "id": r.get_response()["id"]}}
+x = np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)
+array = http.InferInput("array", [2, 3, 32, 32], "FP32")
+array.set_data_from_numpy(x, binary_data=False)
+r = c.infer("deq-tiny-defended", [array], parameters={"T_f": 1, "R": 3}, headers=h,
+            outputs=[http.InferRequestedOutput("defense_ran", binary_data=False)])
+out["fp32"] = {"parameters": r.get_response()["parameters"], "defense_ran": r.as_numpy("defense_ran").tolist()}
+bad = http.InferInput("image", [1], "FP32")
+bad.set_data_from_numpy(np.zeros(1, dtype=np.float32), binary_data=False)
+out["malformed"] = error(lambda: c.infer("deq-tiny", [bad], headers=h))
+binary = http.InferInput("array", [2, 3, 32, 32], "FP32")
+binary.set_data_from_numpy(x)  # tritonclient's default: the binary tensor extension
+out["binary"] = error(lambda: c.infer("deq-tiny", [binary], headers=h))
+out["ready"] = c.is_server_ready(headers=h)  # False: tritonclient reads the 404 as not ready
+out["metadata"] = error(lambda: c.get_model_metadata("deq-tiny", headers=h))
+grpc_client = g.InferenceServerClient(grpc_url)
+out["grpc"] = error(lambda: grpc_client.is_server_ready(headers={"authorization": h["Authorization"]}))
+out["grpc_infer"] = error(lambda: grpc_client.infer("deq-tiny", [], headers={"authorization": h["Authorization"]}))
+print(json.dumps(out))
+"""
+
+
+def test_tritonclient_on_torchserve(server, client, cifar_test):
+    """tritonclient (a client this project did not write) on TorchServe: OIP v2 inference over
+    HTTP works (a BYTES image, an FP32 batch with options as parameters, a malformed request and
+    the binary tensor extension each a 400 naming the field); OIP's readiness and metadata routes
+    and OIP over gRPC are not TorchServe's (404, UNIMPLEMENTED: docs/serving.md says why)."""
+    from robustdeq.serving.kserve_runtime import runtime_python
+
+    python = runtime_python()
+    if python is None or subprocess.run([python, "-c", "import tritonclient.grpc, tritonclient.http"]).returncode:
+        pytest.skip("no tritonclient (the KServe environment, pyproject extra 'kserve')")
+    config = (Path(server.run_dir) / "config.properties").read_text()
+    grpc_port = re.search(r"^grpc_inference_port=(\d+)", config, re.M).group(1)
+    url = server.inference_url.removeprefix("http://")
+    args = [url, f"127.0.0.1:{grpc_port}", client.token, base64.b64encode(png(cifar_test.images[3])).decode()]
+    run = subprocess.run(
+        [python, "-c", TRITONCLIENT_TORCHSERVE_SCRIPT, *args], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    own = client.predict("deq-tiny", png(cifar_test.images[3]), "image/png")[1]
+    assert out["bytes"] == {"label": [own["label"]], "probabilities_shape": [1, 10], "id": "ts-1"}
+    params = out["fp32"]["parameters"]
+    assert (params["defense"], params["T_f"], params["R"], params["batch_size"]) == ("on", 1, 3, 2)
+    assert out["fp32"]["defense_ran"] == [True, True]
+    assert out["malformed"]["status"] == "400" and "inputs[0].datatype" in out["malformed"]["message"]
+    assert out["binary"]["status"] == "400" and "binary" in out["binary"]["message"]
+    assert out["ready"] is False and out["metadata"]["status"] == "404", out
+    assert out["grpc"]["status"] == out["grpc_infer"]["status"] == "StatusCode.UNIMPLEMENTED", out
 
 
 def test_every_declared_metric_is_exported(server, client, reference, cifar_test):

@@ -80,6 +80,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         nargs=2,
         default=(ports.grpc_inference, ports.grpc_management),
         metavar=("INFER", "MANAGE"),
+        help="TorchServe's gRPC inference and management ports (default 7070 7071); the kserve runtime serves OIP "
+        "v2 gRPC on INFER",
     )
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the workers (default 300)")
     p.add_argument(
@@ -99,7 +101,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         choices=("torchserve", "kserve"),
         default="torchserve",
         help="torchserve (default, what 'make serve' starts) or kserve: KServe's Python ModelServer, OIP v2 REST and "
-        "KServe v1 on --inference-port, in the foreground, from its own environment (docs/serving.md)",
+        "KServe v1 on --inference-port, OIP v2 gRPC on the first --grpc-ports, in the foreground, from its own "
+        "environment (docs/serving.md)",
     )
     p.add_argument(
         "--gpus",

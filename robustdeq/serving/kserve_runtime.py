@@ -15,7 +15,8 @@ A thin adapter, like ``handlers/robustdeq_handler.py`` is for TorchServe: the mo
   :data:`OPEN_PATHS` (``/``, ``/v2/health/live``, ``/v2/health/ready`` for the probes, ``/metrics``
   like TorchServe's metrics port); a missing token gets 401, a wrong one 403.
   ``--no-auth`` leaves authentication to the cluster edge (docs/serving.md);
-* gRPC is off: KServe's gRPC server listens on ``[::]`` with no authentication hook;
+* OIP v2 over gRPC (``inference.GRPCInferenceService``) on ``--grpc-port``, bound to the same
+  address and token-checked the same way (``robustdeq.serving.kserve_grpc``);
 * a bad request gets its 4xx JSON error (``{"error", "reason", "status"}``), never a 5xx.
 
 KServe 0.21 pins protobuf < 7, so it runs from its own virtual environment layered over the
@@ -25,7 +26,6 @@ project's (docs/serving.md, "KServe runtime"); :func:`runtime_python` finds it.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import hmac
 import json
 import logging
@@ -138,8 +138,10 @@ def _oip_body(request) -> Dict[str, Any]:
 def build_model_class():
     """KServe's ``Model`` subclass (built here so that importing this module needs no kserve)."""
     import kserve
+    import yaml
 
     from .engine import InferenceEngine
+    from .microbatch import MicroBatcher
     from .oip import INPUTS, OUTPUTS
     from .options import RequestError
     from .protocols import decode
@@ -151,13 +153,17 @@ def build_model_class():
             super().__init__(name)
             self.model_dir = Path(model_dir)
             self.engine: Optional[InferenceEngine] = None
-            self._lock = asyncio.Lock()
+            self.batcher: Optional[MicroBatcher] = None
 
         def load(self) -> bool:
             self.engine = InferenceEngine.from_model_dir(
                 str(self.model_dir), handler_section(self.model_dir), "cpu", self.name
             )
-            logger.info("RobustDEQ %s loaded, lane %s", self.name, self.engine.limits.lane)
+            config = yaml.safe_load((self.model_dir / "model-config.yaml").read_text()) or {}
+            rows, delay_ms = int(config.get("batchSize", 1)), float(config.get("maxBatchDelay", 0))
+            self.batcher = MicroBatcher(self._solve, rows, delay_ms / 1000.0)
+            logger.info("RobustDEQ %s loaded, lane %s, batches of up to %d within %g ms",
+                        self.name, self.engine.limits.lane, rows, delay_ms)  # fmt: skip
             self.ready = True
             return self.ready
 
@@ -189,24 +195,33 @@ def build_model_class():
                 _observe(self.name, [], [err], 0.0)
                 raise err from None
 
-        async def predict(self, decoded, headers=None, response_headers=None):
+        def _solve(self, items):
+            """One batch of requests (``MicroBatcher``): one ``engine.predict`` call, answers split back."""
             import torch
 
+            xs = [x for inputs, _ in items for x in inputs]
+            options = [o for _, opts in items for o in opts]
+            start = time.perf_counter()
+            try:
+                answers, _ = self.engine.predict(torch.stack(xs), options)
+            except RequestError:
+                raise
+            except Exception:
+                logger.exception("%s: the model failed on a batch", self.name)
+                raise RequestError(500, "internal_error", "the model failed on this request (see the log)") from None
+            _observe(self.engine.name, answers, [], time.perf_counter() - start)
+            out, at = [], 0
+            for inputs, _ in items:
+                out.append(answers[at : at + len(inputs)])
+                at += len(inputs)
+            return out
+
+        async def predict(self, decoded, headers=None, response_headers=None):
             request, options = decoded
             if request.protocol == "describe":
                 return self.engine.describe()
-            start = time.perf_counter()
-            async with self._lock:  # one solve at a time per lane, as one TorchServe worker does
-                try:
-                    answers, _ = await asyncio.to_thread(self.engine.predict, torch.stack(request.inputs), options)
-                except RequestError:
-                    raise
-                except Exception:
-                    logger.exception("%s: the model failed on a request", self.name)
-                    raise RequestError(
-                        500, "internal_error", "the model failed on this request (see the log)"
-                    ) from None
-            _observe(self.engine.name, answers, [], time.perf_counter() - start)
+            # batched with concurrent requests of this lane, as TorchServe's batchSize / maxBatchDelay
+            answers = await self.batcher.submit((request.inputs, options), rows=len(request.inputs))
             response = request.respond(answers, self.engine)
             if request.protocol == "oip-v2" and "id" not in response:  # KServe's response model requires one
                 response = {"id": str(uuid.uuid4()), **response}
@@ -303,7 +318,8 @@ def add_kserve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", default="model_store")
     p.add_argument("--run-dir", default=".serve-kserve", help="run folder: extracted archives and the token file")
     p.add_argument("--http-port", type=int, default=8085)
-    p.add_argument("--bind", default=LOOPBACK, help="REST listener address (default 127.0.0.1)")
+    p.add_argument("--grpc-port", type=int, default=8086, help="OIP v2 gRPC port (default 8086; 0: no gRPC)")
+    p.add_argument("--bind", default=LOOPBACK, help="REST and gRPC listener address (default 127.0.0.1)")
     p.add_argument("--lanes", default="plain,defended")
     p.add_argument(
         "--no-auth", action="store_true", help="no token check: authentication is the cluster edge's (docs/serving.md)"
@@ -325,7 +341,7 @@ def archives_for(models: List[str], store: Path, lanes: Tuple[str, ...]) -> List
 def exec_kserve(args: argparse.Namespace) -> int:
     """``robustdeq serve --runtime kserve``: replace this process with the runtime, started from
     the Python that has kserve (:func:`runtime_python`), with the serve command's models, store,
-    inference port and bind address; its files go to ``RUN_DIR/kserve`` (a TorchServe started from
+    inference port, first gRPC port and bind address; its files go to ``RUN_DIR/kserve`` (a TorchServe started from
     the same run folder keeps its own key file)."""
     python = runtime_python()
     if python is None:
@@ -339,7 +355,7 @@ def exec_kserve(args: argparse.Namespace) -> int:
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))
     argv = [python, "-m", "robustdeq.serving.kserve_runtime", "--models", args.models, "--store", str(args.store)]
     argv += ["--run-dir", str(Path(args.run_dir) / "kserve"), "--http-port", str(args.inference_port)]
-    argv += ["--bind", args.bind]
+    argv += ["--grpc-port", str(args.grpc_ports[0]), "--bind", args.bind]
     sys.stdout.flush()
     os.execv(python, argv)
     return 0  # not reached
@@ -362,6 +378,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         token, path = write_token(run_dir)
         print(f"token in {path} (inference.key)", flush=True)
     _bind_rest_server(args.bind)
+    if args.grpc_port:
+        from .kserve_grpc import grpc_server_class
+
+        model_server.GRPCServer = grpc_server_class(args.bind, token)
     _install_auth_and_errors(model_server.app, token)
     model_cls = build_model_class()
     served = []
@@ -369,8 +389,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         model = model_cls(mar.stem, extract_archive(mar, run_dir / "models"))
         model.load()
         served.append(model)
-    print(f"KServe ModelServer on http://{args.bind}:{args.http_port}: {', '.join(m.name for m in served)}", flush=True)
-    kserve.ModelServer(http_port=args.http_port, enable_grpc=False, workers=1).start(served)
+    grpc_note = f" and grpc://{args.bind}:{args.grpc_port}" if args.grpc_port else ""
+    names = ", ".join(m.name for m in served)
+    print(f"KServe ModelServer on http://{args.bind}:{args.http_port}{grpc_note}: {names}", flush=True)
+    server = kserve.ModelServer(
+        http_port=args.http_port, grpc_port=args.grpc_port or 8081, enable_grpc=bool(args.grpc_port), workers=1
+    )
+    server.start(served)
     return 0
 
 
