@@ -6,10 +6,17 @@ against a server started with ``make serve``:
 
     locust -f loadtest/locustfile.py --headless --host http://127.0.0.1:8080
 
+Every user speaks ``ROBUSTDEQ_PROTOCOL``: ``own`` (default; a PNG body to
+``/predictions/<model>``, TorchServe only) or ``oip`` (an OIP v2 BYTES image to
+``/v2/models/<model>/infer``, the options as parameters; TorchServe or the KServe runtime, e.g.
+``ROBUSTDEQ_PROTOCOL=oip locust ... --host http://127.0.0.1:8085`` after ``robustdeq serve
+--runtime kserve``).
+
 User classes (each request type is reported under its own name):
 
 * ``PlainUser``: ``POST /predictions/<model>``, no defense: request type ``plain``;
-* ``DefendedUser``: ``POST /predictions/<model>-defended`` with ``X-T-f`` / ``X-R``, one
+* ``DefendedUser``: ``POST /predictions/<model>-defended`` with ``X-T-f`` / ``X-R`` (or the
+  OIP route with ``T_f`` / ``R`` parameters), one
   request type per setting (``defended T_f=2 R=10``, ...; ``ROBUSTDEQ_DEFENDED_SETTINGS``);
 * ``MixedUser``: plain traffic with a share of defended T_f=2, R=10 requests
   (``ROBUSTDEQ_DEFENDED_FRACTION``, default 0.1).
@@ -23,6 +30,8 @@ load: the stages in ``ROBUSTDEQ_STAGES`` (JSON), or a default ramp of plain user
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import random
 import time
@@ -35,15 +44,21 @@ from robustdeq.loadtest.traffic import (
     DEFAULT_DEFENDED_SETTINGS,
     ENV,
     PLAIN,
+    PROTOCOLS,
     DefendedSetting,
     PayloadSet,
     Stage,
     build_payloads,
     check_answer,
+    check_oip_answer,
+    oip_request,
 )
 from robustdeq.serving.runfolder import DEFAULT_MODELS
 
 MODEL = os.environ.get(ENV["model"], DEFAULT_MODELS[0])
+PROTOCOL = os.environ.get(ENV["protocol"], "own")
+if PROTOCOL not in PROTOCOLS:
+    raise SystemExit(f"{ENV['protocol']}={PROTOCOL!r}: use one of {', '.join(PROTOCOLS)}")
 DEFAULT_STAGES = [Stage(20, users, "PlainUser") for users in (1, 2, 4, 8)]
 STAGES = Stage.load_list(os.environ[ENV["stages"]]) if os.environ.get(ENV["stages"]) else DEFAULT_STAGES
 SETTINGS = (
@@ -55,6 +70,7 @@ MIXED_FRACTION = float(os.environ.get(ENV["mixed_fraction"], "0.1"))
 MIXED_SETTING = DefendedSetting(2, 10)
 RECORDER = SampleRecorder()
 _payloads = None
+_b64 = None
 
 
 def payloads() -> PayloadSet:
@@ -69,6 +85,14 @@ def payloads() -> PayloadSet:
 
             _payloads = build_payloads(SHIPPED[MODEL], MODEL, settings=[*SETTINGS, MIXED_SETTING])
     return _payloads
+
+
+def payloads_b64():
+    """The payloads' PNGs as base64 strings (OIP's BYTES elements), encoded once."""
+    global _b64
+    if _b64 is None:
+        _b64 = [base64.b64encode(png).decode("ascii") for png in payloads().pngs]
+    return _b64
 
 
 def inference_token() -> str:
@@ -127,14 +151,19 @@ class _Classifier(FastHttpUser):
         data = payloads()
         i = self.rng.randrange(len(data))
         headers = dict(self.headers)
-        path = f"/predictions/{MODEL}"
-        if setting is not None:
-            path += "-defended"
-            headers.update({"X-Defense": "on", "X-T-f": str(setting.T_f), "X-R": str(setting.R)})
         expected = data.expected[PLAIN if setting is None else setting.key][i]
         name = PLAIN if setting is None else setting.name
-        with self.client.post(path, data=data.pngs[i], headers=headers, name=name, catch_response=True) as resp:
-            problem = check_answer(resp.status_code or 0, resp.text or "", expected, setting)
+        lane = MODEL if setting is None else f"{MODEL}-defended"
+        if PROTOCOL == "oip":
+            path, check = f"/v2/models/{lane}/infer", check_oip_answer
+            body = json.dumps(oip_request(payloads_b64()[i], setting))
+            headers["Content-Type"] = "application/json"
+        else:
+            path, body, check = f"/predictions/{lane}", data.pngs[i], check_answer
+            if setting is not None:
+                headers.update({"X-Defense": "on", "X-T-f": str(setting.T_f), "X-R": str(setting.R)})
+        with self.client.post(path, data=body, headers=headers, name=name, catch_response=True) as resp:
+            problem = check(resp.status_code or 0, resp.text or "", expected, setting)
             if problem:
                 resp.failure(problem)
             else:

@@ -1,6 +1,7 @@
-"""The load test: exact statistics, the answer check, and short real Locust runs against a real
+"""The load test: exact statistics, the answer checks, and short real Locust runs against a real
 TorchServe (``robustdeq loadtest --scenario smoke`` end to end, and a run whose expected labels are
-wrong, which must count every such request as a failure)."""
+wrong, which must count every such request as a failure), and the saturation ramp on both runtimes
+and both protocols side by side (``--also``)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,17 @@ import pytest
 
 from robustdeq.data import PROJECT_ROOT
 from robustdeq.loadtest.samples import SampleRecorder, Samples, nearest_rank
-from robustdeq.loadtest.traffic import ENV, PLAIN, DefendedSetting, PayloadSet, Stage, build_payloads, check_answer
+from robustdeq.loadtest.traffic import (
+    ENV,
+    PLAIN,
+    DefendedSetting,
+    PayloadSet,
+    Stage,
+    build_payloads,
+    check_answer,
+    check_oip_answer,
+    oip_request,
+)
 from robustdeq.serving.archive import SHIPPED
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java 17")
@@ -54,6 +65,38 @@ def test_answer_check_accepts_only_the_right_label_shape_and_defense():
     assert "plain request was defended" in check_answer(200, _answer(mode="on", ran=True), 3)
     assert "not the requested" in check_answer(200, _answer(mode="on", ran=True, T_f=2, R=5), 3, t2r10)
     assert "not the requested" in check_answer(200, _answer(mode="on", ran=False, T_f=2, R=10), 3, t2r10)
+
+
+def _oip_answer(index=3, defense="off", ran=False, **params) -> str:
+    outputs = [{"name": "index", "datatype": "INT32", "shape": [1], "data": [index]},
+               {"name": "defense_ran", "datatype": "BOOL", "shape": [1], "data": [ran]}]  # fmt: skip
+    return json.dumps({"model_name": "m", "id": "1", "parameters": {"defense": defense, **params}, "outputs": outputs})
+
+
+def test_the_oip_answer_check_and_request():
+    t2r10 = DefendedSetting(2, 10)
+    assert check_oip_answer(200, _oip_answer(), 3) is None
+    assert check_oip_answer(200, _oip_answer(defense="on", ran=True, T_f=2, R=10), 3, t2r10) is None
+    assert "where the library says 5" in check_oip_answer(200, _oip_answer(), 5)
+    assert check_oip_answer(400, '{"error": "inputs[0]"}', 3).startswith("HTTP 400")
+    assert "not an OIP v2 answer" in check_oip_answer(200, '{"predictions": []}', 3)
+    assert "plain request was defended" in check_oip_answer(200, _oip_answer(defense="on", ran=True), 3)
+    assert "not the requested" in check_oip_answer(200, _oip_answer(defense="on", ran=True, T_f=2, R=5), 3, t2r10)
+    assert "not the requested" in check_oip_answer(200, _oip_answer(defense="on", ran=False, T_f=2, R=10), 3, t2r10)
+    body = oip_request("aGVsbG8=", t2r10)
+    assert body["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["aGVsbG8="]}]
+    assert body["parameters"] == {"defense": "on", "T_f": 2, "R": 10} and "parameters" not in oip_request("x")
+
+
+def test_servers_name_a_runtime_and_a_protocol_it_speaks():
+    from robustdeq.loadtest.runner import parse_server
+
+    assert parse_server("torchserve") == ("torchserve", "own") and parse_server("kserve") == ("kserve", "oip")
+    assert parse_server("torchserve:oip") == ("torchserve", "oip")
+    with pytest.raises(ValueError, match="does not speak 'own'"):
+        parse_server("kserve:own")
+    with pytest.raises(ValueError, match="unknown runtime 'triton'"):
+        parse_server("triton:oip")
 
 
 def test_stages_and_settings_validate():
@@ -235,3 +278,31 @@ def test_the_report_warns_when_the_machine_was_not_idle():
         pass
     measured = probe.finish(server_seconds=0.0)
     assert measured["test_cores"] > 0.3 and measured["machine_busy_cores"] >= measured["test_cores"] - 0.2
+
+
+@needs_java
+def test_both_runtimes_and_protocols_side_by_side(tmp_path):
+    """The saturation ramp on TorchServe (own body), then on TorchServe and the KServe runtime with
+    OIP v2 (``--also``): every answer checked, no failure, one row per server in the report."""
+    from robustdeq.serving.kserve_runtime import runtime_python
+
+    if runtime_python() is None:
+        pytest.skip("no Python with kserve (the KServe environment, pyproject extra 'kserve')")
+    out = tmp_path / "sbs"
+    proc = subprocess.run(
+        [sys.executable, "-m", "robustdeq", "loadtest", "--scenario", "saturation", "--users", "1", "4",
+         "--stage-seconds", "5", "--settle", "1", "--payloads", "16", "--out", str(out),
+         "--also", "torchserve:oip", "kserve:oip"],
+        capture_output=True, text=True, timeout=600, cwd=PROJECT_ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    rows = results["side_by_side"]
+    assert [(r["runtime"], r["protocol"]) for r in rows] == [("torchserve", "own"), ("torchserve", "oip"),
+                                                             ("kserve", "oip")]  # fmt: skip
+    for row in rows:
+        assert row["failures"] == 0 and row["saturated_throughput"] > 0 and row["ratio_to_in_process"] > 0, row
+    assert rows[2]["mean_batch_size"] >= 1  # the runtime's own robustdeq_batch_size, scraped from its /metrics
+    report = (out / "report.md").read_text()
+    assert "## Runtimes side by side" in report and "| kserve | oip |" in report
+    assert "- server: torchserve, requests in the project's own body" in report

@@ -5,17 +5,17 @@ from __future__ import annotations
 import argparse
 
 from ..serving.runfolder import DEFAULT_MODELS
-from .runner import SCENARIOS, run_loadtest
-from .traffic import DEFAULT_DEFENDED_SETTINGS
+from .runner import RUNTIME_PROTOCOLS, SCENARIOS, run_loadtest
+from .traffic import DEFAULT_DEFENDED_SETTINGS, PROTOCOLS
 
 __all__ = ["add_loadtest_arguments", "run_loadtest"]
 
 
 def add_loadtest_arguments(p: argparse.ArgumentParser) -> None:
     p.description = (
-        "Start TorchServe with the model's archives on free loopback ports, run Locust headless "
-        "(loadtest/locustfile.py) with real CIFAR-10 test images whose answers are checked against the library, "
-        "and write Locust's CSV/HTML reports, every request's latency, results.json, report.md (exact "
+        "Start TorchServe (or the KServe runtime) with the model's archives on free loopback ports, run Locust "
+        "headless (loadtest/locustfile.py) with real CIFAR-10 test images whose answers are checked against the "
+        "library, and write Locust's CSV/HTML reports, every request's latency, results.json, report.md (exact "
         "nearest-rank p50/p95/p99, throughput and failures per request type, the targets) and plots. "
         "'full' runs saturation, defended, isolation and soak (about 12 minutes); 'batching' compares "
         "plain-lane batching configurations."
@@ -51,3 +51,11 @@ def add_loadtest_arguments(p: argparse.ArgumentParser) -> None:
                    default=["1,0,30,1", "4,5,30,1", "8,5,30,1", "16,5,30,1", "32,5,30,1", "16,5,30,2"],
                    help="batching scenario: plain-lane BATCH,DELAY_MS,TIMEOUT_S[,WORKERS] configurations")  # fmt: skip
     p.add_argument("--payloads", type=int, default=64, help="distinct test images sent")
+    p.add_argument("--runtime", choices=tuple(RUNTIME_PROTOCOLS), default="torchserve",
+                   help="the server: TorchServe or the KServe runtime (from its own environment)")  # fmt: skip
+    p.add_argument("--protocol", choices=PROTOCOLS, default=None,
+                   help="what requests speak: 'own' (a PNG to /predictions/MODEL, TorchServe only) or 'oip' (OIP v2 "
+                   "JSON with a BYTES image); default: own on TorchServe, oip on kserve")  # fmt: skip
+    p.add_argument("--also", nargs="+", default=[], metavar="RUNTIME:PROTOCOL",
+                   help="after the main scenario, the saturation ramp on these servers too, side by side in the "
+                   "report (e.g. torchserve:oip kserve:oip)")  # fmt: skip

@@ -80,6 +80,33 @@ def _breakdown(b: Optional[Dict[str, Any]], in_process: Optional[Dict[str, Any]]
     return lines
 
 
+_PROTOCOL_NAMES = {"own": "project's own body (a PNG)", "oip": "OIP v2 JSON (a base64 BYTES image)"}
+
+
+def _side_by_side(rows: Optional[Sequence[Dict[str, Any]]]) -> List[str]:
+    """The runtimes table of ``--also``: each server's saturation against the same in-process reference."""
+    if not rows:
+        return []
+    out = [
+        "",
+        "## Runtimes side by side (the saturation ramp, same payloads and answer checks, one server at a time)",
+        "",
+        "| server | requests | saturated req/s | x in-process | at users | p50 | p99 | mean batch | failed "
+        "| others' cores during it |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        ratio = f"{r['ratio_to_in_process']:.2f}" if r.get("ratio_to_in_process") else "-"
+        batch = f"{r['mean_batch_size']:.1f}" if r.get("mean_batch_size") else "-"
+        others = (r.get("machine") or {}).get("others_cores")
+        out.append(
+            f"| {r['runtime']} | {r['protocol']} | {r['saturated_throughput']:.0f} | {ratio} "
+            f"| {r['saturated_at_users']} | {_ms(r['p50_ms'])} | {_ms(r['p99_ms'])} | {batch} | {r['failures']} "
+            f"| {'-' if others is None else f'{others:.2f}'} |"
+        )
+    return out
+
+
 def render_markdown(results: Dict[str, Any], plots: Sequence[Path] = ()) -> str:
     lines = [
         f"# Load test: {results['model']} ({results['scenario']})",
@@ -91,6 +118,9 @@ def render_markdown(results: Dict[str, Any], plots: Sequence[Path] = ()) -> str:
         "- percentiles: nearest rank over every recorded request (not Locust's rounded buckets)",
         *load_lines(results.get("machine")),
     ]
+    server = results.get("server")
+    if server:
+        lines.insert(3, f"- server: {server['runtime']}, requests in the {_PROTOCOL_NAMES[server['protocol']]}")
     verdicts = results.get("verdicts") or {}
     if verdicts:
         lines += ["", "## Targets", "", "| target | measured | goal | verdict |", "|---|---:|---|---|"]
@@ -131,6 +161,7 @@ def render_markdown(results: Dict[str, Any], plots: Sequence[Path] = ()) -> str:
             *_footer(sat),
             *_breakdown(sat.get("breakdown"), ip),
         ]
+    lines += _side_by_side(results.get("side_by_side"))
     dfd = results.get("defended")
     if dfd:
         lines += ["", "## Defended traffic (closed loop)", "", *_stats_table(dfd["stages"], True), *_footer(dfd)]

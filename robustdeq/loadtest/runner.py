@@ -13,6 +13,11 @@ Scenarios (each is one Locust run against the same server, with its own CSV/HTML
 * ``batching``: the saturation ramp once per plain-lane batching configuration (archives
   rebuilt into the output folder), to choose the shipped one;
 * ``smoke``: seconds of plain and mixed traffic (the test suite runs it).
+
+The server is TorchServe (``--runtime torchserve``, default) or the KServe runtime
+(``--runtime kserve``); requests speak the project's own body or OIP v2 (``--protocol``).
+``--also RUNTIME:PROTOCOL ...`` runs the saturation ramp on more servers after the main
+scenario and puts them side by side in the report, each against the same in-process reference.
 """
 
 from __future__ import annotations
@@ -55,6 +60,24 @@ class LoadTestRun:
     log: Callable[[str], None] = print
     server_pid: Optional[int] = None
     plain_workers: int = 1  # the plain archive's worker count (its model-config.yaml)
+    runtime: str = "torchserve"
+    protocol: str = "own"  # traffic.PROTOCOLS
+    stop: Callable[[], None] = lambda: None
+
+
+#: what each runtime speaks (traffic.PROTOCOLS): TorchServe both, the KServe runtime OIP v2 (and KServe v1)
+RUNTIME_PROTOCOLS = {"torchserve": ("own", "oip"), "kserve": ("oip",)}
+
+
+def parse_server(text: str) -> "tuple[str, str]":
+    """``RUNTIME:PROTOCOL`` (or ``RUNTIME``, with its first protocol) -> (runtime, protocol)."""
+    runtime, _, protocol = text.partition(":")
+    if runtime not in RUNTIME_PROTOCOLS:
+        raise ValueError(f"unknown runtime {runtime!r} in {text!r}: one of {', '.join(RUNTIME_PROTOCOLS)}")
+    protocol = protocol or RUNTIME_PROTOCOLS[runtime][0]
+    if protocol not in RUNTIME_PROTOCOLS[runtime]:
+        raise ValueError(f"{runtime} does not speak {protocol!r}: use {', '.join(RUNTIME_PROTOCOLS[runtime])}")
+    return runtime, protocol
 
 
 def _server_cpu_seconds(pid: Optional[int]) -> Dict[str, float]:
@@ -99,6 +122,7 @@ def run_locust(run: LoadTestRun, name: str, stages: Sequence[Stage], settings=DE
         ENV["model"]: run.model,
         ENV["token"]: run.token,
         ENV["defended"]: ",".join(f"{s.T_f}:{s.R}" for s in settings),
+        ENV["protocol"]: run.protocol,
     }
     cmd = [
         sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", run.url,
@@ -157,7 +181,9 @@ def _overall(samples: Samples) -> List[Dict[str, Any]]:
 
 
 # ---- scenarios --------------------------------------------------------------------------------
-def saturation(run: LoadTestRun, users: Sequence[int], seconds: float, name: str = "saturation") -> Dict[str, Any]:
+def saturation(
+    run: LoadTestRun, users: Sequence[int], seconds: float, name: str = "saturation", with_breakdown: bool = True
+) -> Dict[str, Any]:
     stages = [Stage(seconds, u, "PlainUser") for u in users]
     batch_series = ("robustdeq_batch_size_sum", "robustdeq_batch_size_count")
     before = metric_totals(run.metrics_url, batch_series)
@@ -178,8 +204,9 @@ def saturation(run: LoadTestRun, users: Sequence[int], seconds: float, name: str
         "mean_batch_size": mean_batch(before, after, run.model),
         "failure_reasons": samples.failure_reasons(),
         "cpu_cores": samples.cpu_cores,
-        # where a request's time goes at the saturated load (one more stage at that user count)
-        "breakdown": breakdown(run, best["users"], seconds, f"{name}-breakdown"),
+        # where a request's time goes at the saturated load (one more stage at that user count; it reads
+        # TorchServe's frontend clocks)
+        "breakdown": breakdown(run, best["users"], seconds, f"{name}-breakdown") if with_breakdown else None,
     }
 
 
@@ -262,18 +289,61 @@ SCENARIOS = ("full", "smoke", "saturation", "defended", "isolation", "soak", "ba
 
 
 # ---- orchestration ---------------------------------------------------------------------------
-def _start(out: Path, run_dir: Path, model: str, store: Path, payloads: Path, settle: float, log) -> LoadTestRun:
-    """TorchServe with ``model``'s archives from ``store``, as the :class:`LoadTestRun` that drives it."""
+def _start(
+    out: Path,
+    run_dir: Path,
+    model: str,
+    store: Path,
+    payloads: Path,
+    settle: float,
+    log,
+    runtime: str = "torchserve",
+    protocol: str = "own",
+) -> LoadTestRun:
+    """The server (TorchServe or the KServe runtime) with ``model``'s archives from ``store``, as the
+    :class:`LoadTestRun` that drives it; ``run.stop()`` stops it."""
     from ..serving.archive import read_model_config
+
+    workers = int(read_model_config(store / f"{model}.mar").get("minWorkers", 1))
+    common = dict(payloads=payloads, settle=settle, log=log, runtime=runtime, protocol=protocol)
+    if runtime == "kserve":
+        from ..serving.kserve_runtime import launch
+        from ..serving.server import Ports
+
+        served = launch([model], store, run_dir, Ports.free().inference)
+        return LoadTestRun(
+            out, model, served.url, served.token, metrics_url=served.url, server_pid=served.pid, plain_workers=1,
+            stop=served.stop, **common,
+        )  # fmt: skip
     from ..serving.runfolder import read_keys
-    from ..serving.server import Ports, start_server
+    from ..serving.server import Ports, start_server, stop_server
 
     info = start_server(run_dir, [model], store, Ports.free(), log=log)
-    workers = int(read_model_config(store / f"{model}.mar").get("minWorkers", 1))
     token = read_keys(run_dir)["inference"]
     return LoadTestRun(
-        out, model, info.inference_url, token, payloads, info.metrics_url, settle, log, info.pid, workers
-    )
+        out, model, info.inference_url, token, metrics_url=info.metrics_url, server_pid=info.pid,
+        plain_workers=workers, stop=lambda: stop_server(run_dir, log=lambda *_: None), **common,
+    )  # fmt: skip
+
+
+def _side_by_side(
+    run: LoadTestRun, sat: Dict[str, Any], machine: Dict[str, Any], inproc: Optional[Dict[str, Any]]
+) -> Dict[str, Any]:
+    """One row of the runtimes table: a server's saturation beside the in-process reference."""
+    best = next(r for r in sat["stages"] if r["users"] == sat["saturated_at_users"])
+    reference = inproc["samples_per_s"] if inproc else None
+    return {
+        "runtime": run.runtime,
+        "protocol": run.protocol,
+        "saturated_throughput": sat["saturated_throughput"],
+        "saturated_at_users": sat["saturated_at_users"],
+        "ratio_to_in_process": sat["saturated_throughput"] / reference if reference else None,
+        "p50_ms": best["p50_ms"],
+        "p99_ms": best["p99_ms"],
+        "failures": sum(r["failures"] for r in sat["stages"]),
+        "mean_batch_size": sat["mean_batch_size"],
+        "machine": machine,
+    }
 
 
 def _verdicts(results: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
@@ -301,7 +371,6 @@ def _verdicts(results: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
 
 def _batching(args, out: Path, payloads: PayloadSet, settings, log) -> List[Dict[str, Any]]:
     from ..serving.archive import build_archives, parse_lane_config
-    from ..serving.server import stop_server
 
     lanes = {}
     for text in args.plain_lanes:
@@ -320,7 +389,7 @@ def _batching(args, out: Path, payloads: PayloadSet, settings, log) -> List[Dict
         try:
             sat = saturation(run, args.users, args.stage_seconds)
         finally:
-            stop_server(run_dir, log=lambda *_: None)
+            run.stop()
         best = next(r for r in sat["stages"] if r["users"] == sat["saturated_at_users"])
         rows.append(
             {
@@ -342,7 +411,6 @@ def _batching(args, out: Path, payloads: PayloadSet, settings, log) -> List[Dict
 
 def run_loadtest(args: argparse.Namespace) -> int:
     from ..serving.archive import DEFAULT_STORE, SHIPPED
-    from ..serving.server import stop_server
     from .machine import MachineLoad
     from .report import render_markdown, write_plots
 
@@ -384,14 +452,18 @@ def run_loadtest(args: argparse.Namespace) -> int:
                 f"in-process handler: {ip['samples_per_s']:.0f} samples/s at batch {ip['batch_size']}, "
                 f"{ip['threads']} thread(s)"
             )
-        run = _start(out, out / "serve", args.model, store, out / "payloads.json", args.settle, log)
+        runtime, protocol = parse_server(f"{args.runtime}:{args.protocol or ''}")
+        run = _start(out, out / "serve", args.model, store, out / "payloads.json", args.settle, log, runtime, protocol)
+        results["server"] = {"runtime": runtime, "protocol": protocol}
         machine = MachineLoad()
         server_before = sum(_server_cpu_seconds(run.server_pid).values())
         try:
             if scenario == "smoke":
                 results["smoke"] = smoke(run, args.stage_seconds)
             if scenario in ("full", "saturation"):
-                results["saturation"] = saturation(run, args.users, args.stage_seconds)
+                results["saturation"] = saturation(
+                    run, args.users, args.stage_seconds, with_breakdown=runtime != "kserve"
+                )
             if scenario in ("full", "defended"):
                 results["defended"] = defended(run, args.defended_users, args.stage_seconds, settings)
             saturated = args.saturated_rate or (results.get("saturation") or {}).get("saturated_throughput")
@@ -404,7 +476,25 @@ def run_loadtest(args: argparse.Namespace) -> int:
         finally:
             server_seconds = sum(_server_cpu_seconds(run.server_pid).values()) - server_before
             results["machine"] = machine.finish(server_seconds)
-            stop_server(out / "serve", log=lambda *_: None)
+            run.stop()
+        if results.get("saturation") and args.also:
+            inproc = results.get("in_process")
+            rows = [_side_by_side(run, results["saturation"], results["machine"], inproc)]
+            for text in args.also:
+                runtime, protocol = parse_server(text)
+                tag = f"{runtime}-{protocol}"
+                (out / tag).mkdir(parents=True, exist_ok=True)
+                other = _start(out / tag, out / tag / "serve", args.model, store, out / "payloads.json", args.settle,
+                               log, runtime, protocol)  # fmt: skip
+                machine, before = MachineLoad(), sum(_server_cpu_seconds(other.server_pid).values())
+                try:
+                    sat = saturation(other, args.users, args.stage_seconds, with_breakdown=False)
+                finally:
+                    used = machine.finish(sum(_server_cpu_seconds(other.server_pid).values()) - before)
+                    other.stop()
+                rows.append(_side_by_side(other, sat, used, inproc))
+                log(f"[{tag}] {sat['saturated_throughput']:.0f} req/s at {sat['saturated_at_users']} users")
+            results["side_by_side"] = rows
     results["verdicts"] = _verdicts(results)
     results["seconds"] = (datetime.now(timezone.utc) - started).total_seconds()
     (out / "results.json").write_text(json.dumps(results, indent=1))

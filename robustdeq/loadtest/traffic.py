@@ -6,7 +6,8 @@
   there, the float reordering of another batch size (or ONNX Runtime instead of PyTorch)
   may flip the answer legitimately, and the load test checks correctness, not ties.
 * ``check_answer``: a response counts as a failure unless it is HTTP 200, JSON of the
-  documented shape, reports the requested defense, and carries the expected label.
+  documented shape, reports the requested defense, and carries the expected label;
+  ``check_oip_answer`` is the same check for an OIP v2 answer (``--protocol oip``).
 * ``Stage``: one step of a load shape (duration, users, user class, optional paced rate).
 """
 
@@ -26,6 +27,9 @@ __all__ = [
     "Stage",
     "build_payloads",
     "check_answer",
+    "check_oip_answer",
+    "oip_request",
+    "PROTOCOLS",
     "DEFAULT_DEFENDED_SETTINGS",
     "ENV",
 ]
@@ -40,7 +44,11 @@ ENV = {
     "run_dir": "ROBUSTDEQ_RUN_DIR",
     "defended": "ROBUSTDEQ_DEFENDED_SETTINGS",  # e.g. "2:10,1:5,4:20"
     "mixed_fraction": "ROBUSTDEQ_DEFENDED_FRACTION",  # share of defended requests of MixedUser
+    "protocol": "ROBUSTDEQ_PROTOCOL",  # one of PROTOCOLS
 }
+#: what a load-test request speaks: the project's own body (a PNG to /predictions/<model>, TorchServe
+#: only) or OIP v2 JSON (a BYTES image to /v2/models/<model>/infer, either runtime)
+PROTOCOLS = ("own", "oip")
 
 
 @dataclass(frozen=True)
@@ -183,6 +191,38 @@ def check_answer(status: int, text: str, expected: int, setting: Optional[Defend
         return f"defense {defense} is not the requested T_f={setting.T_f} R={setting.R}"
     if answer["index"] != expected:
         return f"label {answer['index']} ({answer['label']}) where the library says {expected}"
+    return None
+
+
+def oip_request(png_b64: str, setting: Optional[DefendedSetting] = None) -> Dict[str, Any]:
+    """The OIP v2 body of one load-test request: one BYTES image, the defense as parameters."""
+    body: Dict[str, Any] = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [png_b64]}]}
+    if setting is not None:
+        body["parameters"] = {"defense": "on", "T_f": setting.T_f, "R": setting.R}
+    return body
+
+
+def check_oip_answer(status: int, text: str, expected: int, setting: Optional[DefendedSetting] = None) -> Optional[str]:
+    """:func:`check_answer` for an OIP v2 answer: its ``index`` output, ``defense_ran`` and the
+    setting in its ``parameters``."""
+    if status != 200:
+        return f"HTTP {status}: {text[:200]}"
+    try:
+        answer = json.loads(text)
+        outputs = {o["name"]: o["data"] for o in answer["outputs"]}
+        params = answer["parameters"]
+        index, ran = outputs["index"], outputs["defense_ran"]
+    except (ValueError, KeyError, TypeError):
+        return f"not an OIP v2 answer with 'index' and 'defense_ran' outputs: {text[:200]}"
+    if setting is None:
+        if params.get("defense") != "off" or ran != [False]:
+            return f"a plain request was defended: {params}, defense_ran {ran}"
+    elif (params.get("defense"), params.get("T_f"), params.get("R")) != ("on", setting.T_f, setting.R) or ran != [
+        setting.R > 0
+    ]:
+        return f"defense {params} (ran {ran}) is not the requested T_f={setting.T_f} R={setting.R}"
+    if index != [expected]:
+        return f"label {index} where the library says {expected}"
     return None
 
 

@@ -47,6 +47,8 @@ __all__ = [
     "runtime_python",
     "write_token",
     "exec_kserve",
+    "launch",
+    "RuntimeProcess",
     "main",
 ]
 
@@ -113,6 +115,70 @@ def runtime_python(project_root: Optional[Path] = None) -> Optional[str]:
             return python
     return None
 
+
+
+class RuntimeProcess:
+    """A KServe runtime started in the background by :func:`launch` (the load test's second server)."""
+
+    def __init__(self, proc, url: str, token: str, log_path: Path):
+        self.proc, self.url, self.token, self.log_path = proc, url, token, log_path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self, timeout: float = 30.0) -> None:
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def launch(
+    models: List[str],
+    store: Path,
+    run_dir: Path,
+    http_port: int,
+    grpc_port: int = 0,
+    timeout: float = 180.0,
+    env: Optional[Dict[str, str]] = None,
+) -> RuntimeProcess:
+    """Start the runtime on loopback in the background (from :func:`runtime_python`), wait until
+    ``/v2/health/ready`` answers 200, and return it with its URL and token; its console goes to
+    ``run_dir/runtime.log``. Raises RuntimeError when it exits or is not ready in ``timeout`` s."""
+    import subprocess
+
+    from .runfolder import http_get
+
+    python = runtime_python()
+    if python is None:
+        raise RuntimeError(f"no Python with kserve found: set ROBUSTDEQ_KSERVE_PYTHON or build {DEFAULT_VENV}")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    root = str(Path(__file__).resolve().parents[2])
+    full_env = {**os.environ, **(env or {})}
+    full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, full_env.get("PYTHONPATH")]))
+    cmd = [python, "-m", "robustdeq.serving.kserve_runtime", "--models", ",".join(models), "--store", str(store)]
+    cmd += ["--run-dir", str(run_dir), "--http-port", str(http_port), "--grpc-port", str(grpc_port)]
+    log_path = run_dir / "runtime.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env)
+    url = f"http://{LOOPBACK}:{http_port}"
+    deadline = time.monotonic() + timeout
+    while http_get(url + "/v2/health/ready", timeout=2)[0] != 200:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the KServe runtime exited ({proc.returncode}); see {log_path}")
+        if time.monotonic() > deadline:
+            RuntimeProcess(proc, url, "", log_path).stop()
+            raise RuntimeError(f"the KServe runtime was not ready in {timeout:.0f} s; see {log_path}")
+        time.sleep(0.25)
+    token = json.loads((run_dir / TOKEN_FILE).read_text())["inference"]["key"]
+    return RuntimeProcess(proc, url, token, log_path)
 
 # ---- the server (needs kserve) -----------------------------------------------------------------
 def _oip_body(request) -> Dict[str, Any]:
