@@ -9,10 +9,10 @@
 #       --config /opt/robustdeq/training/configs/mdeq-large-trades-rs.yaml --data torchvision --out runs/mdeq-large
 #
 # Leave out --gpus on a host without an NVIDIA GPU: the same image then serves on the CPU.
-# The KServe runtime instead of TorchServe (OIP v2 and KServe v1 on 8080, metrics on 8080 /metrics,
-# token in /var/lib/robustdeq/kserve/key_file.json; the HEALTHCHECK is TorchServe's, so disable it):
+# The KServe runtime instead of TorchServe (OIP v2 and KServe v1 on 8080, OIP v2 gRPC on 7070, metrics
+# on 8080 /metrics, token in /var/lib/robustdeq/kserve/key_file.json; the same HEALTHCHECK finds it):
 #   docker build --build-arg KSERVE=1 -t robustdeq-serve-kserve:0.1.0 .
-#   docker run -d --no-healthcheck -p 127.0.0.1:8080:8080 robustdeq-serve-kserve:0.1.0 \
+#   docker run -d -p 127.0.0.1:8080:8080 -p 127.0.0.1:7070:7070 robustdeq-serve-kserve:0.1.0 \
 #       robustdeq serve --runtime kserve --bind 0.0.0.0 --inference-port 8080
 # Ports: 8080 inference API (token authorization on; the key file is /var/lib/robustdeq/key_file.json),
 # 8082 Prometheus metrics, 7070 gRPC inference. The management API (8081) and gRPC management
@@ -91,7 +91,8 @@ WORKDIR /var/lib/robustdeq
 
 EXPOSE 8080 8082 7070
 
-# /ping with the inference token, read from the key file at every check (keys change at each start).
+# /ping with the inference token, read from the key file at every check (keys change at each start);
+# for the KServe runtime (its runtime.json in the run folder), /v2/health/ready and each model's ready.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=180s --retries=3 \
     CMD ["python", "-m", "robustdeq.serving.health", "--quiet"]
 

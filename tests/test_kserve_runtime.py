@@ -141,6 +141,21 @@ def test_probes_need_no_token_and_the_rest_does(client, kserve_server):
     assert (run_dir / "kserve" / "key_file.json").stat().st_mode & 0o077 == 0  # the token file is the owner's only
 
 
+def test_the_health_check_finds_the_runtime_in_the_run_folder(kserve_server):
+    """``robustdeq health`` (the Docker HEALTHCHECK) on the serve command's run folder: the
+    runtime's runtime.json there, /v2/health/ready and every lane's readiness with the token."""
+    _, proc, port, run_dir = kserve_server
+    info = json.loads((run_dir / "kserve" / "runtime.json").read_text())
+    assert info["pid"] == proc.pid and info["url"] == f"http://127.0.0.1:{port}"
+    assert info["models"] == [MODEL, DEFENDED]
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    cmd = [sys.executable, "-m", "robustdeq.serving.health", "--run-dir", str(run_dir)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0 and "2 models ready (KServe runtime)" in out.stdout, out.stdout + out.stderr
+    out = subprocess.run(cmd + ["--url", "http://127.0.0.1:1"], capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 1 and "/v2/health/ready: no answer" in out.stderr
+
+
 def test_listens_on_loopback_only(kserve_server):
     client, proc, port, _ = kserve_server
     for listener in (port, client.grpc_port):  # REST and gRPC

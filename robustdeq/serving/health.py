@@ -8,7 +8,9 @@ Two ways to find the server:
   authorization off (the KServe pod's readiness probe, serving/k8s/).
 
 Healthy means ``/ping`` answers Healthy *and* every model has a READY worker: TorchServe's
-``/ping`` alone says Healthy while the workers are still loading. Standard library only:
+``/ping`` alone says Healthy while the workers are still loading. When the run folder holds a
+running KServe runtime instead (``robustdeq serve --runtime kserve``), healthy means
+``/v2/health/ready`` answers 200 and every model's ``/v2/models/<name>/ready`` says ready. Standard library only:
 ``python -m robustdeq.serving.health`` takes tens of milliseconds, not the second that
 importing torch would cost every probe interval.
 """
@@ -28,6 +30,7 @@ from .runfolder import (
     http_get,
     parse_properties,
     read_keys,
+    read_kserve_info,
     read_server_info,
     unready_models,
 )
@@ -57,6 +60,9 @@ def check_health(
         if ts_config is not None:
             info, keys = config_server_info(Path(ts_config)), {"inference": None, "management": None}
         else:
+            kserve = read_kserve_info(Path(run_dir))
+            if kserve is not None:
+                return _kserve_health(kserve, url, timeout)
             info = read_server_info(Path(run_dir))
             if info is None:
                 return False, f"no server.json in {Path(run_dir).resolve()}: the server has not started (yet)"
@@ -78,6 +84,24 @@ def check_health(
     if loading:
         return False, f"{url}/ping: Healthy, but no READY worker yet for {', '.join(loading)}"
     return True, f"{url}/ping: Healthy; {len(info.models)} models ready"
+
+
+def _kserve_health(info, url: Optional[str], timeout: float) -> Tuple[bool, str]:
+    """The KServe runtime: ``/v2/health/ready`` and each model's ``/v2/models/<name>/ready``."""
+    url = (url or info["url"]).rstrip("/")
+    status, _ = http_get(url + "/v2/health/ready", None, timeout)
+    if status != 200:
+        return False, f"{url}/v2/health/ready: " + ("no answer" if status == 0 else f"{status}")
+    token = read_keys(Path(info["folder"]))["inference"]
+    for model in info["models"]:
+        status, body = http_get(f"{url}/v2/models/{model}/ready", token, timeout)
+        try:
+            ready = status == 200 and json.loads(body).get("ready") is True
+        except ValueError:
+            ready = False
+        if not ready:
+            return False, f"{url}/v2/models/{model}/ready: {status} {body[:200].decode(errors='replace')}"
+    return True, f"{url}/v2/health/ready: ready; {len(info['models'])} models ready (KServe runtime)"
 
 
 def add_health_arguments(parser: argparse.ArgumentParser) -> None:

@@ -116,7 +116,6 @@ def runtime_python(project_root: Optional[Path] = None) -> Optional[str]:
     return None
 
 
-
 class RuntimeProcess:
     """A KServe runtime started in the background by :func:`launch` (the load test's second server)."""
 
@@ -179,6 +178,7 @@ def launch(
         time.sleep(0.25)
     token = json.loads((run_dir / TOKEN_FILE).read_text())["inference"]["key"]
     return RuntimeProcess(proc, url, token, log_path)
+
 
 # ---- the server (needs kserve) -----------------------------------------------------------------
 def _oip_body(request) -> Dict[str, Any]:
@@ -435,6 +435,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     import kserve
     import kserve.model_server as model_server
 
+    from .runfolder import write_kserve_info
+
     run_dir = Path(args.run_dir)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     lanes = tuple(x.strip() for x in args.lanes.split(",") if x.strip())
@@ -457,6 +459,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         served.append(model)
     grpc_note = f" and grpc://{args.bind}:{args.grpc_port}" if args.grpc_port else ""
     names = ", ".join(m.name for m in served)
+    grpc_address = f"{args.bind}:{args.grpc_port}" if args.grpc_port else None
+    write_kserve_info(run_dir, f"http://{args.bind}:{args.http_port}", grpc_address, [m.name for m in served])
     print(f"KServe ModelServer on http://{args.bind}:{args.http_port}{grpc_note}: {names}", flush=True)
     server = kserve.ModelServer(
         http_port=args.http_port, grpc_port=args.grpc_port or 8081, enable_grpc=bool(args.grpc_port), workers=1

@@ -1,7 +1,8 @@
 """The run folder of a ``robustdeq serve`` instance, read with the standard library only.
 
 ``server.json`` (pid, addresses, models) and TorchServe's ``key_file.json`` (the tokens) are
-what the client, the health check and ``robustdeq stop`` need; keeping them here, free of
+what the client, the health check and ``robustdeq stop`` need (the KServe runtime's
+``runtime.json`` and key file, what its health check needs); keeping them here, free of
 torch, lets a container health check run in milliseconds.
 """
 
@@ -29,6 +30,9 @@ __all__ = [
     "ServerError",
     "ServerInfo",
     "read_server_info",
+    "KSERVE_INFO",
+    "write_kserve_info",
+    "read_kserve_info",
     "read_keys",
     "http_get",
     "unready_models",
@@ -60,6 +64,41 @@ def read_server_info(run_dir: Path = DEFAULT_RUN_DIR) -> Optional[ServerInfo]:
     if not path.is_file():
         return None
     return ServerInfo(**json.loads(path.read_text()))
+
+
+#: the KServe runtime's record in its run folder (``RUN_DIR/kserve`` under ``robustdeq serve``)
+KSERVE_INFO = "runtime.json"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def write_kserve_info(run_dir: Path, url: str, grpc: Optional[str], models: List[str]) -> Path:
+    """What the health check needs of a running KServe runtime: its pid, REST address (loopback
+    for 0.0.0.0), gRPC address and models."""
+    path = Path(run_dir) / KSERVE_INFO
+    info = {"pid": os.getpid(), "url": url.replace("0.0.0.0", "127.0.0.1"), "grpc": grpc, "models": models}
+    path.write_text(json.dumps(info, indent=1) + "\n")
+    return path
+
+
+def read_kserve_info(run_dir: Path = DEFAULT_RUN_DIR) -> Optional[Dict]:
+    """The record of a KServe runtime that is still running from ``run_dir`` (or its ``kserve/``
+    subfolder, where ``robustdeq serve --runtime kserve`` puts it), with ``folder`` added; None if none."""
+    for folder in (Path(run_dir) / "kserve", Path(run_dir)):
+        path = folder / KSERVE_INFO
+        if path.is_file():
+            info = json.loads(path.read_text())
+            if _alive(int(info["pid"])):
+                return {**info, "folder": str(folder)}
+    return None
 
 
 def read_keys(run_dir: Path = DEFAULT_RUN_DIR, wait: float = 2.0) -> Dict[str, str]:
