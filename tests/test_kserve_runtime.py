@@ -14,6 +14,7 @@ import io
 import ipaddress
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -327,6 +328,14 @@ def test_project_metrics_on_the_metrics_path(client):
     rejected = families["robustdeq_rejected_requests"]
     assert any(s.labels.get("Reason") == "bad_datatype" and s.value >= 1 for s in rejected.samples)
     assert "robustdeq_prediction_entropy" in families and "robustdeq_handler_latency_seconds" in families
+    # TorchServe's frontend counters under their own names and labels (the dashboard, alerts and HPA read them)
+    samples = {(s.name, s.labels["model_name"]): s.value for f in families.values() for s in f.samples
+               if s.name.startswith("ts_")}  # fmt: skip
+    assert samples[("ts_inference_requests_total", MODEL)] >= 2  # the rejected request counts too
+    assert samples[("ts_queue_latency_microseconds", MODEL)] >= 0
+    assert samples[("ts_inference_latency_microseconds", MODEL)] > 0
+    exposed = r'^ts_queue_latency_microseconds\{(?=.*model_name="deq-tiny")(?=.*model_version="default").*\} '
+    assert re.search(exposed, text, re.M), [x for x in text.splitlines() if x.startswith("ts_")]  # no _total
 
 
 def test_serve_runtime_kserve_is_the_runtime_process(kserve_server):

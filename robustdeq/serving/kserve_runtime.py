@@ -244,14 +244,16 @@ def build_model_class():
         def preprocess(self, payload, headers: Optional[Dict[str, str]] = None):
             """The body (KServe v1 dict or OIP ``InferRequest``) -> (protocols.Request, options)."""
             engine, headers = self.engine, dict(headers or {})
+            arrived = time.perf_counter()
+            _frontend("ts_inference_requests_total", self.name, 1)
             value = payload if isinstance(payload, (dict, list, str, bytes)) else _oip_body(payload)
             limits = engine.limits
             try:
                 request = decode(value, "application/json", engine.input_shape, limits.max_image_side,
                                  limits.max_image_pixels, headers)  # fmt: skip
                 if request.protocol == "describe":
-                    return request, []
-                return request, request.options(headers, engine)
+                    return request, [], arrived
+                return request, request.options(headers, engine), arrived
             except RequestError as err:
                 _observe(self.name, [], [err], 0.0)
                 raise
@@ -265,9 +267,11 @@ def build_model_class():
             """One batch of requests (``MicroBatcher``): one ``engine.predict`` call, answers split back."""
             import torch
 
-            xs = [x for inputs, _ in items for x in inputs]
-            options = [o for _, opts in items for o in opts]
             start = time.perf_counter()
+            for *_, queued in items:  # the wait between arriving at the lane's queue and this batch
+                _frontend("ts_queue_latency_microseconds", self.name, (start - queued) * 1e6)
+            xs = [x for inputs, _, _ in items for x in inputs]
+            options = [o for _, opts, _ in items for o in opts]
             try:
                 answers, _ = self.engine.predict(torch.stack(xs), options)
             except RequestError:
@@ -277,17 +281,19 @@ def build_model_class():
                 raise RequestError(500, "internal_error", "the model failed on this request (see the log)") from None
             _observe(self.engine.name, answers, [], time.perf_counter() - start)
             out, at = [], 0
-            for inputs, _ in items:
+            for inputs, _, _ in items:
                 out.append(answers[at : at + len(inputs)])
                 at += len(inputs)
             return out
 
         async def predict(self, decoded, headers=None, response_headers=None):
-            request, options = decoded
+            request, options, arrived = decoded
             if request.protocol == "describe":
                 return self.engine.describe()
             # batched with concurrent requests of this lane, as TorchServe's batchSize / maxBatchDelay
-            answers = await self.batcher.submit((request.inputs, options), rows=len(request.inputs))
+            queued = time.perf_counter()
+            answers = await self.batcher.submit((request.inputs, options, queued), rows=len(request.inputs))
+            _frontend("ts_inference_latency_microseconds", self.name, (time.perf_counter() - arrived) * 1e6)
             response = request.respond(answers, self.engine)
             if request.protocol == "oip-v2" and "id" not in response:  # KServe's response model requires one
                 response = {"id": str(uuid.uuid4()), **response}
@@ -300,6 +306,36 @@ def build_model_class():
 
 
 _PROM: Dict[str, Any] = {}
+
+
+#: TorchServe's frontend counters, kept by this runtime with TorchServe's names, labels and meaning, so
+#: that the dashboard, the alerts and the autoscaler rule that read them work unchanged (docs/serving.md)
+FRONTEND_COUNTERS = {
+    "ts_inference_requests_total": "Requests that reached the model's lane (errors included)",
+    "ts_queue_latency_microseconds": "Total time requests waited for their batch, in microseconds",
+    "ts_inference_latency_microseconds": "Total time from arrival at the lane to the answer, in microseconds",
+}
+
+
+def _frontend(name: str, model: str, value: float) -> None:
+    try:
+        import socket
+
+        import prometheus_client as prom
+
+        metric = _PROM.get(name)
+        if metric is None:
+            labels = ["model_name", "model_version", "hostname"]
+            # prometheus-client appends _total to a Counter's samples; TorchServe's microsecond counters have
+            # none, so those are kept as gauges that only grow (rate() reads both alike)
+            if name.endswith("_total"):
+                metric = prom.Counter(name.removesuffix("_total"), FRONTEND_COUNTERS[name], labels)
+            else:
+                metric = prom.Gauge(name, FRONTEND_COUNTERS[name], labels)
+            _PROM[name] = metric
+        metric.labels(model, "default", socket.gethostname()).inc(value)
+    except Exception:  # metrics must never fail a request
+        logger.exception("could not record metrics")
 
 
 def _observe(model: str, answers, rejected, elapsed: float) -> None:
