@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -281,6 +282,45 @@ def test_a_folder_goes_from_training_to_a_served_model_with_its_own_classes(tmp_
         assert status == 200 and answer["label"] in KEEP, answer
     finally:
         cli("stop", "--run-dir", str(serve_dir), timeout=120)
+    _serve_on_the_kserve_runtime(cli, tmp_path, store, _png(photo))
+
+
+def _serve_on_the_kserve_runtime(cli, tmp_path, store, photo_png: bytes):
+    """The same archives in KServe's layout (``robustdeq kserve-layout``), served from its
+    model-store by the KServe runtime as the k8s-kserve overlay does: OIP v2 answers with the
+    folder's classes and metadata with the 64x64 input shape."""
+    import base64
+    import json
+
+    from robustdeq.serving.kserve_runtime import launch, runtime_python
+    from robustdeq.serving.runfolder import http_get
+    from robustdeq.serving.server import Ports
+
+    layout = tmp_path / "layout"
+    cli("kserve-layout", "--out", str(layout), "--models", "shapes", "--store", str(store))
+    props = (layout / "config" / "config.properties").read_text()
+    assert "shapes-defended.mar" in props and sorted(p.name for p in (layout / "model-store").iterdir()) == [
+        "shapes-defended.mar", "shapes.mar"]  # fmt: skip
+    if runtime_python() is None:
+        return  # no kserve here: the TorchServe half above still ran
+    served = launch(["shapes"], layout / "model-store", tmp_path / "kserve-run", Ports.free().inference,
+                    env={"OMP_NUM_THREADS": "1"})  # fmt: skip
+    try:
+        status, meta = http_get(f"{served.url}/v2/models/shapes", served.token)
+        inputs = {i["name"]: i["shape"] for i in json.loads(meta)["inputs"]}
+        assert status == 200 and inputs["array"] == [-1, 3, 64, 64], meta
+        body = {"parameters": {"T_f": 2, "R": 2}, "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                "data": [base64.b64encode(photo_png).decode()]}]}  # fmt: skip
+        req = urllib.request.Request(f"{served.url}/v2/models/shapes-defended/infer", json.dumps(body).encode(),
+                                     {"Authorization": f"Bearer {served.token}",
+                                      "Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            answer = json.loads(resp.read())
+        outputs = {o["name"]: o for o in answer["outputs"]}
+        assert outputs["label"]["data"][0] in KEEP and outputs["probabilities"]["shape"] == [1, len(KEEP)]
+        assert outputs["defense_ran"]["data"] == [True]
+    finally:
+        served.stop()
 
 
 def test_cifar_folder_writes_a_folder_the_index_reads(tmp_path, monkeypatch, capsys):
