@@ -198,6 +198,10 @@ def format_card(card: Card) -> str:
             f"{s['name']:<16}{s['T_f'] if s['T_f'] else '-':>4}{s['R']:>4}  {pct(clean):<20}"
             f"{pct(s['robust']):<20}{s['cost_vs_plain']:6.1f}x  {kind}{gate}"
         )
+    if card.get("autoattack_standard"):
+        standard = pct(card["autoattack_standard"]).strip()
+        lines.append(f"AutoAttack standard (no defense): {standard} %; the robust figure of 'none' is the "
+                     "per-sample worst case over every attack, AutoAttack included")  # fmt: skip
     return "\n".join(lines)
 
 

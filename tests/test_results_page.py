@@ -101,6 +101,41 @@ def test_a_full_test_set_evaluation_is_the_exported_headline(tmp_path):
     assert "attacks here (PGD-10, APGD-T)," in plain["footnote"]
 
 
+def test_autoattack_standard_is_named_next_to_the_worst_case_in_the_card_page_and_export(tmp_path):
+    """Issue 30 section 3: where ``--attacks autoattack`` ran, RobustBench's autoattack_acc is the
+    reference AutoAttack standard, the per-sample worst case (which includes it) stays beside it,
+    and the card carries it; elsewhere autoattack_acc stays the worst case, named as such."""
+    from robustdeq.card import format_card, validate_card
+    from robustdeq.evaluation.report import robustness_card
+    from robustdeq.stats import correct_string, parse_correct_string
+
+    recipe = "deq-tiny-trades-rs"
+    results = _shipped_results(recipe)
+    worst = parse_correct_string(results["per_sample"]["worst/none"])
+    standard = [w and i % 10 != 0 for i, w in enumerate(worst)]  # AutoAttack breaks one image in ten more
+    n, correct = len(standard), sum(standard)
+    acc = {"acc": correct / n, "correct": correct, "n": n, "ci95": [0.1, 0.2]}
+    entry = {**results["attacks"][-1], "name": "autoattack-standard", "attack": "autoattack-standard", "acc": acc}
+    worst_case = {**results["settings"][0]["worst_case"], "acc": correct / n, "correct": correct}
+    with_aa = {**results, "attacks": [*results["attacks"], entry],
+               "settings": [{**results["settings"][0], "worst_case": worst_case}, *results["settings"][1:]],
+               "per_sample": {**results["per_sample"], "attack/autoattack-standard": correct_string(standard),
+                              "worst/none": correct_string(standard)}}  # fmt: skip
+    card = robustness_card(with_aa)
+    validate_card(card)
+    assert card["autoattack_standard"] == {"acc": correct / n, "n": n, "ci95": [0.1, 0.2]}
+    assert "AutoAttack standard (no defense)" in format_card(card)
+    assert "autoattack_standard" not in robustness_card(results)
+    _write_project(tmp_path, recipe, {"evaluation": with_aa})
+    row = next(line for line in (tmp_path / "docs" / "results.md").read_text().splitlines() if f"`{recipe}`" in line)
+    assert f"| {100 * correct / n:.1f} [" in row and "not run" not in row
+    plain = json.loads((tmp_path / "docs" / "robustbench" / f"{recipe}.json").read_text())
+    assert plain["autoattack_acc"] == f"{100 * correct / n:.2f}" == plain["worst_case_acc"]
+    assert "autoattack_acc is AutoAttack standard" in plain["footnote"] and "AutoAttack included" in plain["footnote"]
+    defended = json.loads((tmp_path / "docs" / "robustbench" / f"{recipe}-defense-T2-R10.json").read_text())
+    assert "worst_case_acc" not in defended and "not AutoAttack standard" in defended["footnote"]
+
+
 def test_a_chain_weaker_than_the_current_one_is_named():
     from robustdeq.evaluation.results_page import _chain_gaps, _chain_steps
 

@@ -192,6 +192,7 @@ def robustness_card(results: dict) -> dict:
         )
     plain = results["settings"][0]
     attacks = [a["name"] for a in results["attacks"]]
+    standard = next((a for a in results["attacks"] if a["name"] == "autoattack-standard"), None)
     for s in results["settings"][1:]:
         attacks += [f"{s['name']}/{c['attack']}" for c in s["chain"]]
     attacks += [f"cross-model/{label}" for label in results.get("cross_model", {})]
@@ -211,6 +212,8 @@ def robustness_card(results: dict) -> dict:
         },
         "clean": _interval(plain["clean"]),
         "robust": _interval(plain["worst_case"]),
+        # RobustBench's autoattack_acc, named for what it is, next to the per-sample worst case that includes it
+        **({"autoattack_standard": _interval(standard["acc"])} if standard else {}),
         "settings": settings,
     }
 
