@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
@@ -61,3 +63,35 @@ def entropy_extremes(reference, cifar_test, n: int = 200, seed: int = 3):
         entropy = model.trajectory(cifar_test.images[idx].float() / 255).entropy(gate["state"])
     assert float(entropy.max()) > gate["threshold"] > float(entropy.min())
     return cifar_test.images[idx[entropy.argmax()]], cifar_test.images[idx[entropy.argmin()]]
+
+
+#: what every tritonclient script starts with: its imports and ``error(call)``
+TRITONCLIENT_PRELUDE = r"""
+import base64, json, sys
+import numpy as np
+from tritonclient.utils import InferenceServerException
+
+
+def error(call):
+    try:
+        call()
+    except InferenceServerException as exc:
+        return {"status": exc.status(), "message": exc.message()}
+    return None
+"""
+
+
+def run_tritonclient(script: str, *args: str, modules=("http", "grpc")) -> dict:
+    """Run a tritonclient script (a client this project did not write) with the Python of the
+    KServe environment, where tritonclient is installed, and return the JSON of its last line;
+    skip when there is none."""
+    from robustdeq.serving.kserve_runtime import runtime_python
+
+    python = runtime_python()
+    wanted = ", ".join(f"tritonclient.{m}" for m in modules)
+    if python is None or subprocess.run([python, "-c", f"import {wanted}"], capture_output=True).returncode:
+        pytest.skip(f"no {wanted} (the KServe environment, pyproject extra 'kserve')")
+    run = subprocess.run([python, "-c", TRITONCLIENT_PRELUDE + script, *args], capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])

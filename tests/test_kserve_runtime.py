@@ -31,6 +31,8 @@ from robustdeq.data import PROJECT_ROOT
 from robustdeq.serving.fuzz import fuzz_cases
 from robustdeq.serving.kserve_runtime import runtime_python
 
+from .serving_helpers import run_tritonclient
+
 MODEL = "deq-tiny"
 DEFENDED = "deq-tiny-defended"
 pytestmark = pytest.mark.slow
@@ -376,10 +378,7 @@ def test_the_documented_curls(kserve_server):
 
 # ---- conformance: tritonclient (a client this project did not write), run by the kserve Python ----
 TRITONCLIENT_SCRIPT = r"""
-import base64, io, json, sys
-import numpy as np
 import tritonclient.http as http
-from tritonclient.utils import InferenceServerException
 
 url, token, model, defended, b64 = sys.argv[1:]
 h = {"Authorization": "Bearer " + token}
@@ -421,14 +420,8 @@ def test_tritonclient_http_conformance(kserve_server):
     """tritonclient's HTTP client: readiness, metadata, a BYTES image, an FP32 batch with options
     as parameters, a malformed request (400 naming the field) and a wrong token (403)."""
     client, _, port, _ = kserve_server
-    python = runtime_python()
-    probe = subprocess.run([python, "-c", "import tritonclient.http"], capture_output=True, timeout=120)
-    if probe.returncode != 0:
-        pytest.skip("tritonclient[http] is not installed next to kserve (pyproject extra 'kserve')")
     args = [f"127.0.0.1:{port}", client.token, MODEL, DEFENDED, _b64png(_image(21))]
-    run = subprocess.run([python, "-c", TRITONCLIENT_SCRIPT, *args], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    out = json.loads(run.stdout.strip().splitlines()[-1])
+    out = run_tritonclient(TRITONCLIENT_SCRIPT, *args, modules=("http",))
     assert out["live"] and out["ready"] and out["model_ready"]
     assert out["meta"] == {"name": MODEL, "inputs": [["array", "FP32"], ["image", "BYTES"]]}
     assert out["bytes"]["probabilities_shape"] == [1, 10] and out["bytes"]["id"] == "tc-1"
@@ -441,10 +434,7 @@ def test_tritonclient_http_conformance(kserve_server):
 
 
 TRITONCLIENT_GRPC_SCRIPT = r"""
-import base64, json, sys
-import numpy as np
 import tritonclient.grpc as g
-from tritonclient.utils import InferenceServerException
 
 url, token, model, defended, b64 = sys.argv[1:]
 h = {"authorization": "Bearer " + token}
@@ -456,14 +446,6 @@ out["meta"] = {"name": meta["name"], "inputs": sorted((i["name"], i["datatype"])
 
 def params(result):
     return {k: getattr(v, v.WhichOneof("parameter_choice")) for k, v in result.get_response().parameters.items()}
-
-
-def error(call):
-    try:
-        call()
-    except InferenceServerException as exc:
-        return {"status": exc.status(), "message": exc.message()}
-    return None
 
 
 image = g.InferInput("image", [1], "BYTES")
@@ -499,14 +481,8 @@ def test_tritonclient_grpc_conformance(kserve_server):
     readiness and metadata, a BYTES image (raw bytes), an FP32 batch with options as parameters,
     and the errors (INVALID_ARGUMENT naming the field, NOT_FOUND, UNAUTHENTICATED, PERMISSION_DENIED)."""
     client, proc, _, _ = kserve_server
-    python = runtime_python()
-    probe = subprocess.run([python, "-c", "import tritonclient.grpc"], capture_output=True, timeout=120)
-    if probe.returncode != 0:
-        pytest.skip("tritonclient[grpc] is not installed next to kserve (pyproject extra 'kserve')")
     args = [f"127.0.0.1:{client.grpc_port}", client.token, MODEL, DEFENDED, _b64png(_image(22))]
-    run = subprocess.run([python, "-c", TRITONCLIENT_GRPC_SCRIPT, *args], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    out = json.loads(run.stdout.strip().splitlines()[-1])
+    out = run_tritonclient(TRITONCLIENT_GRPC_SCRIPT, *args, modules=("grpc",))
     assert out["live"] and out["ready"] and out["model_ready"]
     assert out["meta"] == {"name": MODEL, "inputs": [["array", "FP32"], ["image", "BYTES"]]}
     assert out["bytes"]["outputs"] == ["label", "probabilities", "entropy"] and out["bytes"]["id"] == "tc-g1"

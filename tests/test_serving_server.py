@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -28,7 +27,7 @@ from robustdeq.serving.client import Client
 from robustdeq.serving.metrics import METRICS
 from robustdeq.serving.runfolder import http_get, read_keys
 
-from .serving_helpers import entropy_extremes, family, png, robustdeq_cli, sample_value, scrape
+from .serving_helpers import entropy_extremes, family, png, robustdeq_cli, run_tritonclient, sample_value, scrape
 
 pytestmark = pytest.mark.skipif(shutil.which("java") is None, reason="TorchServe needs Java 17")
 
@@ -191,23 +190,12 @@ def test_kserve_v1_b64_and_oip_v2_over_http(server, client, cifar_test):
 
 
 TRITONCLIENT_TORCHSERVE_SCRIPT = r"""
-import json, sys
-import numpy as np
 import tritonclient.grpc as g
 import tritonclient.http as http
-from tritonclient.utils import InferenceServerException
 
 url, grpc_url, token, b64 = sys.argv[1:]
 h = {"Authorization": "Bearer " + token}
 c = http.InferenceServerClient(url)
-
-
-def error(call):
-    try:
-        call()
-    except InferenceServerException as exc:
-        return {"status": exc.status(), "message": exc.message()}
-    return None
 
 
 image = http.InferInput("image", [1], "BYTES")
@@ -242,20 +230,11 @@ def test_tritonclient_on_torchserve(server, client, cifar_test):
     HTTP works (a BYTES image, an FP32 batch with options as parameters, a malformed request and
     the binary tensor extension each a 400 naming the field); OIP's readiness and metadata routes
     and OIP over gRPC are not TorchServe's (404, UNIMPLEMENTED: docs/serving.md says why)."""
-    from robustdeq.serving.kserve_runtime import runtime_python
-
-    python = runtime_python()
-    if python is None or subprocess.run([python, "-c", "import tritonclient.grpc, tritonclient.http"]).returncode:
-        pytest.skip("no tritonclient (the KServe environment, pyproject extra 'kserve')")
     config = (Path(server.run_dir) / "config.properties").read_text()
     grpc_port = re.search(r"^grpc_inference_port=(\d+)", config, re.M).group(1)
     url = server.inference_url.removeprefix("http://")
-    args = [url, f"127.0.0.1:{grpc_port}", client.token, base64.b64encode(png(cifar_test.images[3])).decode()]
-    run = subprocess.run(
-        [python, "-c", TRITONCLIENT_TORCHSERVE_SCRIPT, *args], capture_output=True, text=True, timeout=300
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    out = json.loads(run.stdout.strip().splitlines()[-1])
+    image = base64.b64encode(png(cifar_test.images[3])).decode()
+    out = run_tritonclient(TRITONCLIENT_TORCHSERVE_SCRIPT, url, f"127.0.0.1:{grpc_port}", client.token, image)
     own = client.predict("deq-tiny", png(cifar_test.images[3]), "image/png")[1]
     assert out["bytes"] == {"label": [own["label"]], "probabilities_shape": [1, 10], "id": "ts-1"}
     params = out["fp32"]["parameters"]

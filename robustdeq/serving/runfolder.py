@@ -33,6 +33,7 @@ __all__ = [
     "KSERVE_INFO",
     "write_kserve_info",
     "read_kserve_info",
+    "pid_alive",
     "read_keys",
     "http_get",
     "unready_models",
@@ -70,7 +71,8 @@ def read_server_info(run_dir: Path = DEFAULT_RUN_DIR) -> Optional[ServerInfo]:
 KSERVE_INFO = "runtime.json"
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (one of another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -96,7 +98,7 @@ def read_kserve_info(run_dir: Path = DEFAULT_RUN_DIR) -> Optional[Dict]:
         path = folder / KSERVE_INFO
         if path.is_file():
             info = json.loads(path.read_text())
-            if _alive(int(info["pid"])):
+            if pid_alive(int(info["pid"])):
                 return {**info, "folder": str(folder)}
     return None
 

@@ -31,6 +31,7 @@ from .runfolder import (
     ServerInfo,
     http_get,
     parse_properties,
+    pid_alive,
     read_keys,
     read_server_info,
     unready_models,
@@ -143,13 +144,7 @@ def _java_ok() -> None:
 
 def _pid_alive(pid: int) -> bool:
     _reap(pid)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid_alive(pid)
 
 
 def _ports_free(ports: Ports, host: str = LOOPBACK) -> None:
