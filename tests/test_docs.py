@@ -280,7 +280,7 @@ def test_shipped_scripts_call_real_recipes(tmp_path):
     calls = (tmp_path / "log").read_text().splitlines()
     trains = [c for c in calls if c.startswith("train ")]
     evaluations = [c for c in calls if c.startswith("evaluate ")]
-    assert len(trains) == 12 and any(c.startswith("compare ") for c in calls)
+    assert len(trains) == 13 and any(c.startswith("compare ") for c in calls)
     assert {re.search(r"shipped/([^/]+)/model.pt", c)[1] for c in evaluations} == set(trained) - {"lyadeq-tiny-clean"}
     assert "-m robustdeq.evaluation.results_page" in calls
     for call in trains:

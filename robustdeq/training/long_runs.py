@@ -34,6 +34,7 @@ RUNS = (
     "lyadeq-small-clean",
     "deq-small-nfgsm-rs-long",
     "deq-small-nfgsm-rs-100",
+    "resnet-peer-nfgsm-long",
 )
 #: a run that continues another from its last state: its log starts with the other's history
 CONTINUES = {"deq-small-nfgsm-rs-100": "deq-small-nfgsm-rs-long"}
