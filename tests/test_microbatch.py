@@ -111,7 +111,28 @@ def test_the_event_loop_stays_free_while_a_batch_runs():
     assert asyncio.run(main()) == (5, "slow")
 
 
-@pytest.mark.parametrize("rows, delay", [(0, 0.1), (4, -1.0)])
-def test_bad_settings_are_refused(rows, delay):
+def test_workers_run_that_many_batches_at_once_and_no_more():
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def run(items):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.1)
+        with lock:
+            running[0] -= 1
+        return list(items)
+
+    batcher = MicroBatcher(run, max_rows=1, max_delay_s=0.0, workers=2)
+
+    async def main():
+        return await asyncio.gather(*(batcher.submit(i) for i in range(6)))
+
+    assert asyncio.run(main()) == list(range(6)) and batcher.batches == 6
+    assert peak[0] == 2  # two solves overlapped, never three
+
+
+@pytest.mark.parametrize("rows, delay, workers", [(0, 0.1, 1), (4, -1.0, 1), (4, 0.1, 0)])
+def test_bad_settings_are_refused(rows, delay, workers):
     with pytest.raises(ValueError, match="max_rows"):
-        MicroBatcher(list, rows, delay)
+        MicroBatcher(list, rows, delay, workers)

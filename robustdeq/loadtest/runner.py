@@ -81,7 +81,8 @@ def parse_server(text: str) -> "tuple[str, str]":
 
 
 def _server_cpu_seconds(pid: Optional[int]) -> Dict[str, float]:
-    """Cumulative CPU seconds of the server's processes: the Java frontend and the Python workers."""
+    """Cumulative CPU seconds of the server's processes: TorchServe's Java frontend and Python
+    workers, or the KServe runtime's one process (``runtime``: HTTP, decoding and the solves)."""
     import psutil
 
     out = {"frontend": 0.0, "workers": 0.0}
@@ -100,7 +101,9 @@ def _server_cpu_seconds(pid: Optional[int]) -> Dict[str, float]:
             out["frontend"] += times.user + times.system
         elif "model_service_worker" in command:
             out["workers"] += times.user + times.system
-    return out
+        elif "robustdeq.serving.kserve_runtime" in command:
+            out["runtime"] = out.get("runtime", 0.0) + times.user + times.system
+    return {k: v for k, v in out.items() if v or k != "runtime"}
 
 
 def _children_cpu_seconds() -> float:
@@ -143,7 +146,7 @@ def run_locust(run: LoadTestRun, name: str, stages: Sequence[Stage], settings=DE
     # CPU cores used on average over the run, per party (they share this machine's CPUs)
     samples.cpu_cores = {
         "locust": (_children_cpu_seconds() - locust_before) / wall,
-        **{k: (server_after[k] - server_before[k]) / wall for k in server_after},
+        **{k: (server_after[k] - server_before.get(k, 0.0)) / wall for k in server_after},
     }
     return samples
 

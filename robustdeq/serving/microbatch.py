@@ -7,9 +7,11 @@ one solve per batch (one ``InferenceEngine.predict`` call), with each archive's 
 ``batchSize`` / ``maxBatchDelay`` (docs/serving.md, "The KServe runtime").
 
 A request may carry several rows (an OIP tensor of N images): a batch holds whole requests, at
-most ``max_rows`` rows unless one request alone has more. Batches run one at a time, in a worker
-thread, so the event loop keeps answering probes and the other lanes meanwhile. When the batch
-function raises, every request of that batch gets the exception (as a failed TorchServe batch).
+most ``max_rows`` rows unless one request alone has more. Up to ``workers`` batches run at once
+(the archive's ``minWorkers``, which TorchServe runs as that many worker processes), each in a
+worker thread, so the event loop keeps answering probes and the other lanes meanwhile; a batch
+is formed when a worker is free, as TorchServe hands a worker its batch. When the batch function
+raises, every request of that batch gets the exception (as a failed TorchServe batch).
 """
 
 from __future__ import annotations
@@ -33,10 +35,15 @@ class MicroBatcher:
     """Collect requests for up to ``max_delay_s`` after the first, or until ``max_rows`` rows,
     and answer them with one call of ``run(items) -> results`` (one result per item, in order)."""
 
-    def __init__(self, run: Callable[[Sequence[Any]], List[Any]], max_rows: int, max_delay_s: float):
-        if max_rows < 1 or max_delay_s < 0:
-            raise ValueError(f"max_rows must be >= 1 and max_delay_s >= 0, got {max_rows}, {max_delay_s}")
+    def __init__(self, run: Callable[[Sequence[Any]], List[Any]], max_rows: int, max_delay_s: float, workers: int = 1):
+        if max_rows < 1 or max_delay_s < 0 or workers < 1:
+            raise ValueError(
+                f"max_rows and workers must be >= 1 and max_delay_s >= 0, got {max_rows}, {workers}, {max_delay_s}"
+            )
         self._run, self.max_rows, self.max_delay_s = run, int(max_rows), float(max_delay_s)
+        self.workers = int(workers)
+        self._free: Optional[asyncio.Semaphore] = None
+        self._in_flight: set = set()
         self._pending: Deque[_Entry] = deque()
         self._wake: Optional[asyncio.Event] = None
         self._worker: Optional[asyncio.Task] = None
@@ -46,7 +53,7 @@ class MicroBatcher:
         """Queue one request of ``rows`` rows and wait for its result."""
         loop = asyncio.get_running_loop()
         if self._wake is None:
-            self._wake = asyncio.Event()
+            self._wake, self._free = asyncio.Event(), asyncio.Semaphore(self.workers)
         if self._worker is None or self._worker.done():
             self._worker = loop.create_task(self._loop())
         entry = _Entry(max(1, int(rows)), item, loop.create_future())
@@ -80,22 +87,29 @@ class MicroBatcher:
         while True:
             while not self._pending:
                 await self._wait(None)
+            await self._free.acquire()  # a worker is free: form its batch
             deadline = loop.time() + self.max_delay_s
             while self._queued_rows() < self.max_rows:
                 left = deadline - loop.time()
                 if left <= 0 or not await self._wait(left):
                     break
-            batch = self._take()
-            try:
-                results = await asyncio.to_thread(self._run, [e.item for e in batch])
-                if len(results) != len(batch):
-                    raise RuntimeError(f"the batch function gave {len(results)} results for {len(batch)} requests")
-            except Exception as exc:  # handed to every request of the batch
-                for entry in batch:
-                    if not entry.future.done():
-                        entry.future.set_exception(exc)
-            else:
-                for entry, result in zip(batch, results):
-                    if not entry.future.done():
-                        entry.future.set_result(result)
+            task = loop.create_task(self._answer(self._take()))
+            self._in_flight.add(task)  # a reference until done (the loop keeps only weak ones)
+            task.add_done_callback(self._in_flight.discard)
+
+    async def _answer(self, batch: List[_Entry]) -> None:
+        try:
+            results = await asyncio.to_thread(self._run, [e.item for e in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"the batch function gave {len(results)} results for {len(batch)} requests")
+        except Exception as exc:  # handed to every request of the batch
+            for entry in batch:
+                if not entry.future.done():
+                    entry.future.set_exception(exc)
+        else:
+            for entry, result in zip(batch, results):
+                if not entry.future.done():
+                    entry.future.set_result(result)
+        finally:
             self.batches += 1
+            self._free.release()
