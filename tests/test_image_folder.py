@@ -262,6 +262,8 @@ def test_a_folder_goes_from_training_to_a_served_model_with_its_own_classes(tmp_
         "--out", str(tmp_path / "eval"), "--no-progress")  # fmt: skip
     card = json.loads((tmp_path / "eval" / "robustness_card.json").read_text())
     assert card["clean"]["n"] == 6
+    split = json.loads((tmp_path / "eval" / "results.json").read_text())["subset"]["split"]
+    assert split.startswith(f"test split of the image folder {root} (3 classes, 64x64"), split
     store = tmp_path / "store"
     cli("archive", "--checkpoint", str(run / "model.pt"), "--name", "shapes", "--out", str(store),
         "--card", str(tmp_path / "eval" / "robustness_card.json"))  # fmt: skip

@@ -42,6 +42,20 @@ SPLIT_NAMES = {
     "val": "validation split of the checkpoint's training run, seeded shuffle",
 }
 
+
+def split_name(split: str, data: Optional[dict]) -> str:
+    """How the evaluated split is described: :data:`SPLIT_NAMES`, or for a checkpoint trained on an
+    image folder, that folder's test split (its root, classes, size and fingerprint)."""
+    if split == "test" and data and data.get("dataset") == "imagefolder":
+        size, fingerprint = data.get("input_size"), data.get("fingerprints", {}).get("test")
+        classes = len(data.get("classes", []))
+        return (
+            f"test split of the image folder {data.get('root')} ({classes} classes, {size}x{size}, "
+            f"fingerprint {fingerprint}), seeded shuffle"
+        )
+    return SPLIT_NAMES[split]
+
+
 # validate_card and CARD_SCHEMA_PATH are re-exported from card.py, the card's home, for old imports
 __all__ = ["assemble_results", "write_outputs", "robustness_card", "validate_card", "CARD_SCHEMA_PATH"]
 
@@ -116,7 +130,12 @@ def assemble_results(ev: FinishedEvaluation) -> dict:
         "n_steps": ev.N,
         "early_state": ev.k,
         "device": str(ev.device),
-        "subset": {"n": ev.n, "seed": ev.config.seed, "id": ev.subset_id, "split": SPLIT_NAMES[ev.config.split]},
+        "subset": {
+            "n": ev.n,
+            "seed": ev.config.seed,
+            "id": ev.subset_id,
+            "split": split_name(ev.config.split, getattr(ev.ckpt, "data", None)),
+        },
         "config": ev.config.to_dict(),
         "seconds": round(sum(j.get("seconds", 0.0) for j in jobs.values()), 1),
         "clean": {k: v for k, v in clean.items() if k not in ("correct", "margin", "entropy_final", "entropy_readout")},
