@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import secrets
+import socket
 import sys
 import time
 import uuid
@@ -318,10 +319,11 @@ FRONTEND_COUNTERS = {
 }
 
 
+_HOSTNAME = socket.gethostname()  # the counters' hostname label, looked up once
+
+
 def _frontend(name: str, model: str, value: float) -> None:
     try:
-        import socket
-
         import prometheus_client as prom
 
         metric = _PROM.get(name)
@@ -334,7 +336,7 @@ def _frontend(name: str, model: str, value: float) -> None:
             else:
                 metric = prom.Gauge(name, FRONTEND_COUNTERS[name], labels)
             _PROM[name] = metric
-        metric.labels(model, "default", socket.gethostname()).inc(value)
+        metric.labels(model, "default", _HOSTNAME).inc(value)
     except Exception:  # metrics must never fail a request
         logger.exception("could not record metrics")
 
