@@ -288,9 +288,13 @@ def test_shipped_scripts_call_real_recipes(tmp_path):
     assert (root / "training" / "shipped" / "comparisons.md").is_file()
     if "deq-small-nfgsm-rs" in trained:  # the default's defense on the first 200 images, with a combined card
         assert any(c.startswith("evaluate ") and "--n 200" in c for c in calls)
-        long_done = "deq-small-nfgsm-rs-long" in trained  # the long run is the default once it has finished
-        default = "deq-small-nfgsm-rs-long" if long_done else "deq-small-nfgsm-rs"
+        # the newest long run that has finished is the one whose defense is evaluated
+        default = next(r for r in ("deq-small-nfgsm-rs-100", "deq-small-nfgsm-rs-long", "deq-small-nfgsm-rs")
+                       if r in trained)  # fmt: skip
         assert any(c.startswith(f"combine-cards runs/eval/{default} ") for c in calls)
+    for recipe in {"deq-small-nfgsm-rs-100", "resnet-peer-nfgsm-long"} & set(trained):  # AutoAttack standard
+        assert any(f"shipped/{recipe}/model.pt" in c and "--attacks autoattack " in c
+                   and c.endswith(f"--out runs/eval/{recipe}") for c in evaluations), recipe  # fmt: skip
     # the full test set: two shards at once, then the merge, copied next to the checkpoint
     env["RECIPE"] = trained[0]
     proc = subprocess.run(["bash", str(root / "training" / "evaluate_full_test.sh")], env=env, capture_output=True,

@@ -16,8 +16,9 @@ cd "$(dirname "$0")/.."
 RD=${RD:-.venv/bin/robustdeq}
 # shellcheck source=training/shards.sh
 source training/shards.sh
-# the default: its long run once that has finished, the budget-B run before
-default=deq-small-nfgsm-rs-long
+# the default: the newest long run that has finished (100 epochs, then 50, then budget B)
+default=deq-small-nfgsm-rs-100
+[ -f "training/shipped/$default/model.pt" ] || default=deq-small-nfgsm-rs-long
 [ -f "training/shipped/$default/model.pt" ] || default=deq-small-nfgsm-rs
 RECIPE=${RECIPE:-$default}
 SHARDS=${SHARDS:-2}

@@ -44,7 +44,9 @@ flags() {
         deq-tiny-trades-rs) echo "" ;;
         deq-small-nfgsm-rs) echo "--defense none" ;;  # everything; the defense: below
         # the same, in blocks that 2 shards can split and batches that its defended run repeats
-        deq-small-nfgsm-rs-long) echo "--defense none --block 500 --batch-size 100" ;;
+        deq-small-nfgsm-rs-long | deq-small-nfgsm-rs-100) echo "--defense none --block 500 --batch-size 100" ;;
+        # the long peer: the peers' attacks, in blocks that 2 shards can split
+        resnet-peer-nfgsm-long) echo "--defense none --attacks $PLAIN_ATTACKS checks --block 500 --batch-size 100" ;;
         lyadeq-* | *-clean) echo "--defense none --attacks $PLAIN_ATTACKS radii checks" ;;
         *) echo "--defense none --attacks $PLAIN_ATTACKS checks" ;;
     esac
@@ -99,12 +101,21 @@ transfer() {
 
 recipes=("$@")
 [ ${#recipes[@]} -gt 0 ] || recipes=(
+    deq-small-nfgsm-rs-100 resnet-peer-nfgsm-long  # the full-length schedule and its peer at equal CPU-hours
     deq-small-nfgsm-rs-long  # the default (its full test set: training/evaluate_full_test.sh)
     deq-small-nfgsm-rs deq-small-nfgsm lyadeq-small-nfgsm-rs resnet-peer-nfgsm deq-small-clean lyadeq-small-clean
     deq-tiny-trades-rs deq-tiny-trades lyadeq-tiny-trades
 )
 for recipe in "${recipes[@]}"; do
     evaluate "$recipe"
+done
+# the reference AutoAttack (version 'standard', RobustBench's autoattack_acc) on the long-budget
+# pair, as one more family of the same run: it joins their per-sample worst case. Several
+# core-hours each on 2 cores (APGD-T and FAB-T with 9 targets, Square with 5,000 queries)
+for recipe in deq-small-nfgsm-rs-100 resnet-peer-nfgsm-long; do
+    if [[ " ${recipes[*]} " == *" $recipe "* ]] && [ -f "runs/eval/$recipe/results.json" ]; then
+        evaluate "$recipe" --attacks autoattack
+    fi
 done
 # the transfers of issue 16: the peer and the Sec. 3.3 baseline onto the default, and back;
 # the plain DEQ and the plain LyaDEQ onto each other (paper 2's claim)
@@ -116,14 +127,18 @@ transfer lyadeq-small-clean deq-small-clean
 transfer deq-small-clean lyadeq-small-clean
 # the LyaDEQ and the DEQ of budget B onto each other (LyaDEQ vs DEQ)
 transfer lyadeq-small-nfgsm-rs deq-small-nfgsm-rs
+# the long-budget pair onto each other
+transfer deq-small-nfgsm-rs-100 resnet-peer-nfgsm-long
+transfer resnet-peer-nfgsm-long deq-small-nfgsm-rs-100
 
 # the default's defense on the first DEFENDED_N images, with the same transfers, and its combined card:
-# the long run's (committed in training/shipped/deq-small-nfgsm-rs-long/evaluation-defended/); the
-# budget-B run stands in only where the long run has no evaluation in runs/eval/
-defended=deq-small-nfgsm-rs-long
+# the newest long run that has an evaluation in runs/eval/ (100 epochs, then 50: committed in
+# training/shipped/deq-small-nfgsm-rs-long/evaluation-defended/), the budget-B run before them
+defended=deq-small-nfgsm-rs-100
+[ -f "runs/eval/$defended/results.json" ] || defended=deq-small-nfgsm-rs-long
 [ -f "runs/eval/$defended/results.json" ] || defended=deq-small-nfgsm-rs
 if [ "$DEFENDED_N" -gt 0 ] && [ -f "runs/eval/$defended/results.json" ]; then
-    mapfile -t sources < <(transfer_args resnet-peer-nfgsm deq-small-nfgsm)
+    mapfile -t sources < <(transfer_args resnet-peer-nfgsm-long resnet-peer-nfgsm deq-small-nfgsm)
     run_eval "runs/eval/$defended-defended" --checkpoint "training/shipped/$defended/model.pt" \
         --n "$DEFENDED_N" $DEFENDED_BATCHES "${sources[@]}"
     mkdir -p "training/shipped/$defended/evaluation-defended"
@@ -152,13 +167,15 @@ out=training/shipped/comparisons.md
     {
         compare_pair "Sec. 3.3 vs its baseline" deq-small-nfgsm deq-small-nfgsm-rs $METRICS
         compare_pair "the default's long run vs its budget-B run" deq-small-nfgsm-rs deq-small-nfgsm-rs-long $METRICS
+        compare_pair "100 epochs vs 50" deq-small-nfgsm-rs-long deq-small-nfgsm-rs-100 $METRICS
+        compare_pair "DEQ vs the explicit peer at equal long budget" resnet-peer-nfgsm-long deq-small-nfgsm-rs-100 $METRICS
         compare_pair "LyaDEQ vs DEQ" deq-small-nfgsm-rs lyadeq-small-nfgsm-rs $METRICS
         compare_pair "DEQ vs the explicit peer" resnet-peer-nfgsm deq-small-nfgsm-rs $METRICS
         compare_pair "plain LyaDEQ vs plain DEQ" deq-small-clean lyadeq-small-clean $METRICS
         compare_pair "Sec. 3.3 vs its baseline, previous tiny models" deq-tiny-trades deq-tiny-trades-rs $METRICS
         compare_pair "LyaDEQ vs DEQ, previous tiny models" deq-tiny-trades-rs lyadeq-tiny-trades $METRICS
     }
-    for d in deq-small-nfgsm-rs-long-defended deq-small-nfgsm-rs-defended deq-tiny-trades-rs; do
+    for d in deq-small-nfgsm-rs-100-defended deq-small-nfgsm-rs-long-defended deq-small-nfgsm-rs-defended deq-tiny-trades-rs; do
         if [ -f "runs/eval/$d/results.json" ]; then
             echo; echo "## $d: defense settings vs none"; echo
             "$RD" compare "runs/eval/$d"

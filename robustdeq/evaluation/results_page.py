@@ -36,6 +36,8 @@ class Model:
 #: the models on the page, in its order (a model without a committed evaluation shows as pending)
 MODELS: Tuple[Model, ...] = (
     Model("deq-small-nfgsm-rs-long", "default DEQ: PGD-AT (N-FGSM) + Sec. 3.3, its own long run of 9.1 CPU-h"),
+    Model("deq-small-nfgsm-rs-100", "the default's recipe on a full-length schedule: the 50-epoch run continued to 100"),
+    Model("resnet-peer-nfgsm-long", "explicit peer on the same CPU-hours as the 100-epoch DEQ (175 epochs)"),
     Model("deq-small-nfgsm-rs", "the same recipe on budget B (the paired comparisons)"),
     Model("deq-small-nfgsm", "its baseline: the same without Sec. 3.3, budget B"),
     Model("lyadeq-small-nfgsm-rs", "LyaDEQ of the same size, same recipe, budget B"),
@@ -51,6 +53,8 @@ MODELS: Tuple[Model, ...] = (
 PAIRS: Tuple[Tuple[str, str, str], ...] = (
     ("deq-small-nfgsm", "deq-small-nfgsm-rs", "Does Sec. 3.3 help? (paper 1 Table 1)"),
     ("deq-small-nfgsm-rs", "deq-small-nfgsm-rs-long", "What does the default's longer run buy?"),
+    ("deq-small-nfgsm-rs-long", "deq-small-nfgsm-rs-100", "What do 100 epochs buy over 50?"),
+    ("resnet-peer-nfgsm-long", "deq-small-nfgsm-rs-100", "The DEQ against the explicit peer at equal long budget"),
     ("deq-small-nfgsm-rs", "lyadeq-small-nfgsm-rs", "LyaDEQ against the DEQ, same recipe and budget"),
     ("resnet-peer-nfgsm", "deq-small-nfgsm-rs", "Does the DEQ buy anything over an explicit network of its size?"),
     ("deq-small-clean", "lyadeq-small-clean", "Plain-trained LyaDEQ against the plain DEQ (paper 2 Table 1)"),
