@@ -36,7 +36,7 @@ class Model:
 #: the models on the page, in its order (a model without a committed evaluation shows as pending)
 MODELS: Tuple[Model, ...] = (
     Model("deq-small-nfgsm-rs-long", "default DEQ: PGD-AT (N-FGSM) + Sec. 3.3, its own long run of 9.1 CPU-h"),
-    Model("deq-small-nfgsm-rs-100", "the default's recipe on a full-length schedule: the 50-epoch run continued to 100"),
+    Model("deq-small-nfgsm-rs-100", "the default's recipe, full-length schedule: the 50-epoch run continued to 100"),
     Model("resnet-peer-nfgsm-long", "explicit peer on the same CPU-hours as the 100-epoch DEQ (175 epochs)"),
     Model("deq-small-nfgsm-rs", "the same recipe on budget B (the paired comparisons)"),
     Model("deq-small-nfgsm", "its baseline: the same without Sec. 3.3, budget B"),
