@@ -168,13 +168,16 @@ def test_accuracy_command_reads_a_checkpoint(tmp_path, cifar_test):
     save_checkpoint(Checkpoint("deq-tiny", model.config(), model.state_dict()), tmp_path / "m.pt")
     out = run_cli(
         "accuracy", "--checkpoint", str(tmp_path / "m.pt"), "--n", "16", "--pgd-steps", "1", "--no-progress",
-        "--out", str(tmp_path / "acc.json"),
+        "--step-size", "1/255", "--out", str(tmp_path / "acc.json"),
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     result = json.loads((tmp_path / "acc.json").read_text())
     assert result["n"] == 16 and result["state"] == 6 and len(result["robust_acc_per_state"]) == 8
+    assert result["n_states"] == 8 and "step 0.00392" in result["attack"]  # paper 2's step, as asked
     assert 0 <= result["pgd_acc"] <= result["clean_acc"] + 0.5
     assert "deq-tiny at z[6] on 16 test images" in out.stdout
+    final = f"(z[8]: clean {100 * result['clean_acc_final']:.2f}%, PGD-1 {100 * result['pgd_acc_final']:.2f}%)"
+    assert final in out.stdout  # the final state as well, where it is not the readout
     bad = run_cli("accuracy", "--checkpoint", str(tmp_path / "missing.pt"))
     assert bad.returncode == 2 and "does not exist" in bad.stderr
 

@@ -292,6 +292,14 @@ def test_shipped_scripts_call_real_recipes(tmp_path):
         default = next(r for r in ("deq-small-nfgsm-rs-100", "deq-small-nfgsm-rs-long", "deq-small-nfgsm-rs")
                        if r in trained)  # fmt: skip
         assert any(c.startswith(f"combine-cards runs/eval/{default} ") for c in calls)
+    for recipe in {"lyadeq-small-clean", "deq-small-clean"} & set(trained):  # paper 2's count: the final iterate
+        final = root / "training" / "shipped" / recipe / "evaluation" / "final-iterate-pgd.json"
+        assert (
+            final.is_file()
+            or f"accuracy --checkpoint training/shipped/{recipe}/model.pt --n 1000 --step-size "
+            f"1/255 --no-progress --out {final.relative_to(root)}"
+            in calls
+        )
     for recipe in {"deq-small-nfgsm-rs-100", "resnet-peer-nfgsm-long"} & set(trained):  # AutoAttack standard
         assert any(f"shipped/{recipe}/model.pt" in c and "--attacks autoattack " in c
                    and c.endswith(f"--out runs/eval/{recipe}") for c in evaluations), recipe  # fmt: skip

@@ -192,3 +192,33 @@ def test_the_paper2_verdict_says_whether_the_claim_survives_stronger_attacks():
     assert "not even under the protocol's own attack" in verdict and "(0.0% against 2.0% under the protocol" in verdict
     # one of the two missing: pending, naming what is missing
     assert _paper2_verdict({"lyadeq-small-clean": robust}, ["deq-small-clean"]).startswith("Pending")
+
+
+def test_paper2_final_iterate_count_is_shown_beside_the_any_iterate_count(tmp_path):
+    # paper 2 scores the final iterate; the radii job counts any iterate. With a final-iterate file
+    # ('robustdeq accuracy --step-size 1/255 --out') for both models of the plain pair, the table
+    # gets a final-iterate row each and the note gives both counts; with one missing it says how
+    pair = ("lyadeq-small-clean", "deq-small-clean")
+    finals = {"lyadeq-small-clean": (0.031, 0.027, 16), "deq-small-clean": (0.012, 0.012, 8)}
+    for recipe in pair:
+        folder = tmp_path / "training" / "shipped" / recipe / "evaluation"
+        folder.mkdir(parents=True)
+        shutil.copy(PROJECT_ROOT / "training" / "shipped" / recipe / "evaluation" / "results.json", folder)
+    (tmp_path / "docs").mkdir()
+    write_page(tmp_path)
+    assert "The final iterate is not measured yet" in (tmp_path / "docs" / "results.md").read_text()
+    for recipe in pair:
+        final, readout, state = finals[recipe]
+        record = {"state": state, "n_states": 16, "clean_acc_final": 0.5, "pgd_acc_final": final, "pgd_acc": readout}
+        (tmp_path / "training" / "shipped" / recipe / "evaluation" / "final-iterate-pgd.json").write_text(
+            json.dumps(record)
+        )
+    write_page(tmp_path)
+    page = (tmp_path / "docs" / "results.md").read_text()
+    assert "The final iterate is not measured yet" not in page
+    row = "| this machine, final iterate | `lyadeq-small-clean` | 50.0 | PGD | – | – | – | 3.1 (z[16]: 2.7) | |"
+    assert row in page
+    any_iterate = _shipped_results("lyadeq-small-clean")["paper_tables"]["radii"]["cells"]["pgd@8/255"]["acc"]
+    note = f"`lyadeq-small-clean` 3.1% at z[N] and 2.7% at its readout z[16] (any iterate: {100 * any_iterate:.1f}%)"
+    assert note in page
+    assert "`deq-small-clean` 1.2% at z[N]" in page and "Paper 2's figures for these rows are 43.96 and 11.12" in page

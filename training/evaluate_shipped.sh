@@ -117,6 +117,15 @@ for recipe in deq-small-nfgsm-rs-100 resnet-peer-nfgsm-long; do
         evaluate "$recipe" --attacks autoattack
     fi
 done
+# paper 2's PGD at 8/255 (PGD-10, step 1/255, random start) counted on the final iterate, as paper 2
+# counts, for the plain pair its Table 1 compares (docs/results.md); about 2 core-minutes each
+for recipe in lyadeq-small-clean deq-small-clean; do
+    final="training/shipped/$recipe/evaluation/final-iterate-pgd.json"
+    if [[ " ${recipes[*]} " == *" $recipe "* ]] && [ -f "training/shipped/$recipe/model.pt" ] && [ ! -f "$final" ]; then
+        "$RD" accuracy --checkpoint "training/shipped/$recipe/model.pt" --n 1000 --step-size 1/255 --no-progress \
+            --out "$final"
+    fi
+done
 # the transfers of issue 16: the peer and the Sec. 3.3 baseline onto the default, and back;
 # the plain DEQ and the plain LyaDEQ onto each other (paper 2's claim)
 transfer deq-small-nfgsm-rs resnet-peer-nfgsm deq-small-nfgsm lyadeq-small-nfgsm-rs

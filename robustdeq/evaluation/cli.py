@@ -55,6 +55,8 @@ def add_accuracy_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=None, help="images (default: the whole split)")
     p.add_argument("--pgd-steps", type=int, default=10, help="PGD steps (0 = clean only; default 10)")
     p.add_argument("--eps", default="8/255", help="l_inf radius (default 8/255)")
+    p.add_argument("--step-size", default="2/255",
+                   help="PGD step (default 2/255; paper 2's protocol: 1/255)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--data", default=None, help="CIFAR-10 source (default: ../shared/data archive)")
     p.add_argument("--device", default=None)
@@ -72,6 +74,7 @@ def run_accuracy(args: argparse.Namespace) -> int:
         n=args.n,
         pgd_steps=args.pgd_steps,
         eps=float(parse_number(args.eps)),
+        step_size=float(parse_number(args.step_size)),
         batch_size=args.batch_size,
         data=args.data,
         device=args.device,
@@ -80,7 +83,12 @@ def run_accuracy(args: argparse.Namespace) -> int:
     k = result["state"]
     pgd = f", PGD-{args.pgd_steps} {100 * result['pgd_acc']:.2f}%" if result["pgd_acc"] is not None else ""
     where = f"{result['model']} at z[{k}] on {result['n']} {result['split']} images"
-    print(f"{where}: clean {100 * result['clean_acc']:.2f}%{pgd}")
+    final = ""
+    if k != result["n_states"]:  # the final state too, where it is not the readout
+        pgd_final = result["pgd_acc_final"]
+        final = f" (z[{result['n_states']}]: clean {100 * result['clean_acc_final']:.2f}%"
+        final += (f", PGD-{args.pgd_steps} {100 * pgd_final:.2f}%" if pgd_final is not None else "") + ")"
+    print(f"{where}: clean {100 * result['clean_acc']:.2f}%{pgd}{final}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))

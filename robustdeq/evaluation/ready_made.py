@@ -85,10 +85,12 @@ def checkpoint_accuracy(
         "split": split,
         "n": n,
         "state": k,
+        "n_states": model.n_steps,
         "clean_acc": acc.clean(k),
         "pgd_acc": acc.robust(k) if pgd_steps > 0 else None,
         "clean_acc_final": acc.clean(-1),
         "pgd_acc_final": acc.robust(-1) if pgd_steps > 0 else None,
-        "attack": f"ready-made PGD-{pgd_steps} (phantom gradient of z[N]), eps {eps:.5f}, step {step_size:.5f}",
+        "attack": f"ready-made PGD-{pgd_steps} (phantom gradient of z[N]), eps {eps:.5f}, step {step_size:.5f}, "
+        "uniform random start; counted on the final iterate",
         **acc.to_dict(),
     }
