@@ -324,7 +324,7 @@ def test_shipped_scripts_call_real_recipes(tmp_path):
     # (the checks), is merged, and then finishes in one process with every family
     recipe = "deq-small-clean"
     (root / "training" / "shipped" / recipe / "model.pt").write_bytes(b"")
-    shutil.rmtree(root / "runs" / "eval" / recipe, ignore_errors=True)  # not started yet
+    shutil.rmtree(root / "runs", ignore_errors=True)  # not started yet, on a fresh checkout (no runs/ at all)
     (tmp_path / "log").write_text("")
     env.update(SHARDS="2", DEFENDED_N="0")
     proc = subprocess.run(["bash", str(root / "training" / "evaluate_shipped.sh"), recipe], env=env,

@@ -6,6 +6,7 @@
 run_shards() {
     local out=$1 prefix=$2 k=$3 jobs=$4 i running=0 failed=0 shards=()
     shift 4
+    mkdir -p "$(dirname "$prefix")"  # the logs sit beside the shard folders, on a fresh checkout too
     for ((i = 0; i < k; i++)); do
         shards+=("$prefix-$i")
         echo "shard $i/$k of $out: log in $prefix-$i.log"
