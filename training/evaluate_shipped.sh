@@ -109,11 +109,13 @@ recipes=("$@")
 for recipe in "${recipes[@]}"; do
     evaluate "$recipe"
 done
+# asked RECIPE: this run covers RECIPE (named on the command line, or every recipe by default)
+asked() { [[ " ${recipes[*]} " == *" $1 "* ]]; }
 # the reference AutoAttack (version 'standard', RobustBench's autoattack_acc) on the long-budget
 # pair, as one more family of the same run: it joins their per-sample worst case. Several
 # core-hours each on 2 cores (APGD-T and FAB-T with 9 targets, Square with 5,000 queries)
 for recipe in deq-small-nfgsm-rs-100 resnet-peer-nfgsm-long; do
-    if [[ " ${recipes[*]} " == *" $recipe "* ]] && [ -f "runs/eval/$recipe/results.json" ]; then
+    if asked "$recipe" && [ -f "runs/eval/$recipe/results.json" ]; then
         evaluate "$recipe" --attacks autoattack
     fi
 done
@@ -121,7 +123,7 @@ done
 # counts, for the plain pair its Table 1 compares (docs/results.md); about 2 core-minutes each
 for recipe in lyadeq-small-clean deq-small-clean; do
     final="training/shipped/$recipe/evaluation/final-iterate-pgd.json"
-    if [[ " ${recipes[*]} " == *" $recipe "* ]] && [ -f "training/shipped/$recipe/model.pt" ] && [ ! -f "$final" ]; then
+    if asked "$recipe" && [ -f "training/shipped/$recipe/model.pt" ] && [ ! -f "$final" ]; then
         "$RD" accuracy --checkpoint "training/shipped/$recipe/model.pt" --n 1000 --step-size 1/255 --no-progress \
             --out "$final"
     fi

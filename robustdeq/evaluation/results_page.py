@@ -439,9 +439,8 @@ def _final_iterate_note(evaluated: Dict[str, Evaluated]) -> str:
     parts = []
     for recipe, _ in PAPER2_PAIR:
         e = evaluated.get(recipe)
-        cells = (((e.main if e else None) or {}).get("paper_tables") or {}).get("radii", {}).get("cells", {})
-        any_iterate = cells.get("pgd@8/255")
-        if e is None or e.final_iterate is None or any_iterate is None:
+        protocol = _radii_pgd(e.main if e else None)
+        if e is None or e.final_iterate is None or protocol is None:
             return (
                 "**The final iterate is not measured yet** for every model of the pair. Paper 2's PGD at 8/255 is "
                 "10 steps of 1/255 from a uniform random start; its final-iterate accuracy on the same 1,000 images "
@@ -450,7 +449,7 @@ def _final_iterate_note(evaluated: Dict[str, Evaluated]) -> str:
         f = e.final_iterate
         parts.append(
             f"`{recipe}` {100 * f['pgd_acc_final']:.1f}% at z[N] and {100 * f['pgd_acc']:.1f}% at its readout "
-            f"z[{f['state']}] (any iterate: {100 * any_iterate['acc']:.1f}%)"
+            f"z[{f['state']}] (any iterate: {100 * protocol[1]:.1f}%)"
         )
     return (
         "**The final iterate.** Counted as paper 2 counts, on the final iterate of PGD-10 (step 1/255, uniform "
