@@ -337,3 +337,7 @@ def test_shipped_scripts_call_real_recipes(tmp_path):
     assert all("checks" not in c and "radii" in c and "--threads 1" in c for c in shards)
     assert calls[2].startswith(f"merge-shards --out runs/eval/{recipe} runs/eval/{recipe}-shard-0")
     assert calls[3].startswith("evaluate ") and "checks" in calls[3] and calls[3].endswith(f"--out runs/eval/{recipe}")
+    # with only this recipe in runs/eval (a fresh checkout), its pairs compare with the committed evaluations
+    partner = root / "training" / "shipped" / "lyadeq-small-clean" / "evaluation"
+    if (partner / "results.json").is_file():
+        assert f"compare runs/eval/{recipe} {partner.relative_to(root)} --metric clean" in "\n".join(calls)

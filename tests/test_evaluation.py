@@ -15,7 +15,7 @@ from robustdeq.attacks import IntermediateAttack, ifgsm_steps, intermediate_grid
 from robustdeq.defense import DefenseSetting
 from robustdeq.dynamics import phantom_forward
 from robustdeq.evaluation.adaptive import defended_logits, defended_surrogate_logits, readout_logits, soft_sign
-from robustdeq.evaluation.compare import compare_results, compare_within, load_results
+from robustdeq.evaluation.compare import compare_results, compare_within, evaluation_name, load_results
 from robustdeq.evaluation.report import robustness_card, validate_card, write_outputs
 from robustdeq.evaluation.suite import EvalConfig, Evaluator
 
@@ -302,6 +302,10 @@ def test_compare_pairs_the_same_images(tiny_evaluation, tmp_path):
         compare_results(a, other)
     with pytest.raises(FileNotFoundError):
         load_results(str(tmp_path))
+    # a committed copy next to its checkpoint is headed like the job store it was copied from
+    for path, name in (("runs/eval/deq-x", "deq-x"), ("training/shipped/deq-x/evaluation", "deq-x"),
+                       ("training/shipped/deq-x/evaluation-defended", "deq-x-defended")):  # fmt: skip
+        assert evaluation_name({"_path": f"{path}/results.json"}) == name
 
 
 def test_cli_evaluate_help_lists_families(capsys):

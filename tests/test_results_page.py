@@ -137,22 +137,28 @@ def test_autoattack_standard_is_named_next_to_the_worst_case_in_the_card_page_an
 
 
 def test_a_chain_weaker_than_the_current_one_is_named():
-    from robustdeq.evaluation.results_page import _chain_gaps, _chain_steps
+    from robustdeq.evaluation.compare import chain_gaps, chain_notes
+    from robustdeq.evaluation.results_page import _chain_steps
 
     results = _shipped_results("deq-tiny-trades-rs")
     setting = results["settings"][1]
-    assert _chain_gaps(results, setting) == [
+    assert chain_gaps(results, setting) == [
         "no APGD-T through the defense",
         "Square with 100 queries instead of 1000, on 100 of the 203 survivors",
     ]
     assert _chain_steps(setting)[-1] == "Square (100 queries on 100 of its 203 survivors)"
+    # 'robustdeq compare' of the defense settings says which chain produced a gain (comparisons.md)
+    notes = chain_notes(results)
+    assert notes[0].startswith("defense-T2-R10 was evaluated with the first chain") and notes[0].endswith(
+        "no APGD-T through the defense; Square with 100 queries instead of 1000, on 100 of the 203 survivors."
+    )
     chain = [
         {"attack": "bpda", "attacked": 211},
         {"attack": "apgd-t-unroll", "attacked": 207, "targets": 9, "iterations": 20},
         {"attack": "square", "attacked": 203, "queried": 203, "queries": 1000},
     ]
     current = {**setting, "chain": chain}
-    assert _chain_gaps(results, current) == []
+    assert chain_gaps(results, current) == []
     assert _chain_steps(current) == [
         "BPDA",
         "APGD-T via the unroll (9 targets x 20 iterations)",

@@ -159,6 +159,17 @@ if [ "$DEFENDED_N" -gt 0 ] && [ -f "runs/eval/$defended/results.json" ]; then
         --out "training/shipped/$defended/robustness_card.json"
 fi
 
+# evaluated NAME: the folder that holds NAME's evaluation (results.json with the per-sample record):
+# this machine's job store runs/eval/NAME, else the copy committed next to the checkpoint, so that
+# evaluating one recipe on a fresh checkout keeps every other pair in comparisons.md
+evaluated() {
+    local committed=training/shipped/$1/evaluation
+    case "$1" in *-defended) committed=training/shipped/${1%-defended}/evaluation-defended ;; esac
+    if [ -f "runs/eval/$1/results.json" ]; then echo "runs/eval/$1"
+    elif [ -f "$committed/results.json" ]; then echo "$committed"
+    fi
+}
+
 out=training/shipped/comparisons.md
 {
     echo "# Paired comparisons of the shipped checkpoints"
@@ -166,11 +177,12 @@ out=training/shipped/comparisons.md
     echo "Same 1,000 seeded CIFAR-10 test images; exact McNemar tests on per-sample correctness."
     echo "Produced by \`bash training/evaluate_shipped.sh\`; docs/results.md sets them next to the papers."
     compare_pair() {
-        local title=$1 a=$2 b=$3
+        local title=$1 a=$2 b=$3 dir_a dir_b
         shift 3
-        if [ -f "runs/eval/$a/results.json" ] && [ -f "runs/eval/$b/results.json" ]; then
+        dir_a=$(evaluated "$a") dir_b=$(evaluated "$b")
+        if [ -n "$dir_a" ] && [ -n "$dir_b" ]; then
             echo; echo "## $title: $a vs $b"; echo
-            "$RD" compare "runs/eval/$a" "runs/eval/$b" --metric "$@"
+            "$RD" compare "$dir_a" "$dir_b" --metric "$@"
         fi
     }
     METRICS="clean attack/pgd-ready attack/apgd-ce attack/square worst/none"
@@ -187,9 +199,10 @@ out=training/shipped/comparisons.md
         compare_pair "LyaDEQ vs DEQ, previous tiny models" deq-tiny-trades-rs lyadeq-tiny-trades $METRICS
     }
     for d in deq-small-nfgsm-rs-100-defended deq-small-nfgsm-rs-long-defended deq-small-nfgsm-rs-defended deq-tiny-trades-rs; do
-        if [ -f "runs/eval/$d/results.json" ]; then
+        dir=$(evaluated "$d")
+        if [ -n "$dir" ]; then
             echo; echo "## $d: defense settings vs none"; echo
-            "$RD" compare "runs/eval/$d"
+            "$RD" compare "$dir"
         fi
     done
 } > "$out"

@@ -270,7 +270,7 @@ def add_compare_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from .compare import compare_results, compare_within, format_comparison, load_results
+    from .compare import chain_notes, compare_results, compare_within, evaluation_name, format_comparison, load_results
 
     if len(args.results) > 2:
         print("compare takes one or two results files", file=sys.stderr)
@@ -278,10 +278,11 @@ def run_compare(args: argparse.Namespace) -> int:
     a = load_results(args.results[0])
     if len(args.results) == 1:
         print(format_comparison(compare_within(a), "baseline", "setting"))
+        for note in chain_notes(a):
+            print(f"\n{note}")
         return 0
     b = load_results(args.results[1])
-    name_a, name_b = Path(a["_path"]).parent.name or "A", Path(b["_path"]).parent.name or "B"
-    print(format_comparison(compare_results(a, b, args.metric), name_a, name_b))
+    print(format_comparison(compare_results(a, b, args.metric), evaluation_name(a), evaluation_name(b)))
     return 0
 
 

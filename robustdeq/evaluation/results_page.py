@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..data import PROJECT_ROOT
 from ..stats import Proportion, mcnemar, parse_correct_string
+from .compare import chain_gaps, chain_name
 
 __all__ = ["MODELS", "PAIRS", "Evaluated", "read_evaluations", "render_page", "robustbench_entries", "write_page"]
 
@@ -179,31 +180,6 @@ def _chain_steps(setting: dict) -> List[str]:
     return out
 
 
-def _chain_gaps(r: dict, setting: dict) -> List[str]:
-    """What a setting's adaptive chain lacks against the suite's current one: APGD-T through
-    the defense, and Square with the evaluation's full query budget on every survivor. An
-    empty list means the current chain ran."""
-    steps = setting["chain"]
-    gaps = []
-    if not any(step["attack"].startswith("apgd-t") for step in steps):
-        gaps.append("no APGD-T through the defense")
-    budget = r.get("config", {}).get("square_queries")
-    for step in (s for s in steps if s["attack"] == "square"):
-        queries, queried = step.get("queries"), step.get("queried", step["attacked"])
-        few = budget is not None and queries is not None and queries < budget
-        if few or queried < step["attacked"]:
-            gap = f"Square with {queries} queries" + (f" instead of {budget}" if few else "")
-            if queried < step["attacked"]:
-                gap += f", on {queried} of the {step['attacked']} survivors"
-            gaps.append(gap)
-    return gaps
-
-
-def _chain_name(gaps: List[str]) -> str:
-    """The first evaluations ran no APGD-T through the defense; later ones may only be cut short."""
-    return "first chain" if "no APGD-T through the defense" in gaps else "reduced chain"
-
-
 #: where a recipe's defense was evaluated on the first images only (``robustdeq combine-cards``)
 DEFENDED_FOLDER = "evaluation-defended"
 #: paper 2's PGD at 8/255 counted on the final iterate only, as paper 2 counts ('robustdeq accuracy
@@ -297,9 +273,9 @@ def _headline(L: List[str], evaluated: Dict[str, Evaluated]) -> None:
         defended = f"{d['name']}: {_pct(_from_dict(d['worst_case']))}" if d else "–"
         if d and rd is not r:
             defended += f" (first {rd['subset']['n']})"
-        gaps = _chain_gaps(rd, d) if d else []
+        gaps = chain_gaps(rd, d) if d else []
         if gaps:
-            defended += f" ([{_chain_name(gaps)}, weaker than today's]({CHAINS_ANCHOR}))"
+            defended += f" ([{chain_name(gaps)}, weaker than today's]({CHAINS_ANCHOR}))"
         add(_model_row(m.recipe, m.role, cpu_h, r, defended, "evaluation"))
         if e.full is not None:  # the full test set, sharded (training/evaluate_full_test.sh)
             role = f"the same, full test set (sharded; {', '.join(_attack_families(e.full, {}))})"
@@ -563,8 +539,8 @@ def _comparisons(L: List[str], evaluated: Dict[str, Evaluated]) -> None:
         d = _defended(r) if r else None
         if d is None:
             continue
-        gaps = _chain_gaps(r, d)
-        question = "Does the defense help?" + (f" ({_chain_name(gaps)})" if gaps else "")
+        gaps = chain_gaps(r, d)
+        question = "Does the defense help?" + (f" ({chain_name(gaps)})" if gaps else "")
         for key in ("clean", "worst"):
             base, other = ("clean", f"clean/{d['name']}") if key == "clean" else ("worst/none", f"worst/{d['name']}")
             res = mcnemar(_bits(r, base), _bits(r, other))
@@ -580,7 +556,7 @@ def _chains(L: List[str], evaluated: Dict[str, Evaluated]) -> None:
         d = _defended(r) if r else None
         if d is not None:
             res = mcnemar(_bits(r, "worst/none"), _bits(r, f"worst/{d['name']}"))
-            rows.append((m.recipe, r, d, _chain_gaps(r, d), res))
+            rows.append((m.recipe, r, d, chain_gaps(r, d), res))
     if not rows:
         return
     add = L.append
@@ -601,7 +577,7 @@ def _chains(L: List[str], evaluated: Dict[str, Evaluated]) -> None:
             f"{res.p_value:.3g})."
         )
         if gaps:
-            line += f" **This is the {_chain_name(gaps)}, weaker than today's:** " + "; ".join(gaps) + "."
+            line += f" **This is the {chain_name(gaps)}, weaker than today's:** " + "; ".join(gaps) + "."
             if current:
                 line += (
                     " Its gain has not been rechecked with today's chain, which finds "
@@ -682,11 +658,11 @@ def robustbench_entries(root: Path = PROJECT_ROOT, evaluated: Optional[Dict[str,
         )  # fmt: skip
         if d is not None:
             cost = d.get("cost_vs_plain") or 1.0
-            gaps = _chain_gaps(rd, d)
+            gaps = chain_gaps(rd, d)
             chain = f"Adaptive attacks through it, in order: {', '.join(_chain_steps(d))}."
             if gaps:
                 chain += (
-                    f" This is the project's {_chain_name(gaps)}, weaker than the current one "
+                    f" This is the project's {chain_name(gaps)}, weaker than the current one "
                     f"({'; '.join(gaps)}), so the entry is marked unreliable until it is rerun."
                 )
             out[f"{m.recipe}-{d['name']}"] = _robustbench(
