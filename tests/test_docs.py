@@ -326,7 +326,7 @@ def test_shipped_scripts_call_real_recipes(tmp_path):
     (root / "training" / "shipped" / recipe / "model.pt").write_bytes(b"")
     shutil.rmtree(root / "runs", ignore_errors=True)  # not started yet, on a fresh checkout (no runs/ at all)
     (tmp_path / "log").write_text("")
-    env.update(SHARDS="2", DEFENDED_N="0")
+    env.update(SHARDS="2", DEFENDED_N="0", AUTOATTACK="0")
     proc = subprocess.run(["bash", str(root / "training" / "evaluate_shipped.sh"), recipe], env=env,
                           capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -341,3 +341,18 @@ def test_shipped_scripts_call_real_recipes(tmp_path):
     partner = root / "training" / "shipped" / "lyadeq-small-clean" / "evaluation"
     if (partner / "results.json").is_file():
         assert f"compare runs/eval/{recipe} {partner.relative_to(root)} --metric clean" in "\n".join(calls)
+    # AUTOATTACK=0: the long-budget pair's evaluation without the reference AutoAttack pass (hours)
+    recipe = "deq-small-nfgsm-rs-100"
+    if recipe in trained:
+        (tmp_path / "log").write_text("")
+        proc = subprocess.run(["bash", str(root / "training" / "evaluate_shipped.sh"), recipe], env=env,
+                              capture_output=True, text=True)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        calls = (tmp_path / "log").read_text().splitlines()
+        assert any(c.startswith("evaluate ") and f"shipped/{recipe}/model.pt" in c for c in calls)
+        assert not any("--attacks autoattack" in c for c in calls)
+        del env["AUTOATTACK"]
+        proc = subprocess.run(["bash", str(root / "training" / "evaluate_shipped.sh"), recipe], env=env,
+                              capture_output=True, text=True)  # fmt: skip
+        calls = (tmp_path / "log").read_text().splitlines()
+        assert proc.returncode == 0 and any("--attacks autoattack" in c for c in calls), proc.stderr

@@ -6,6 +6,7 @@
 #   bash training/evaluate_shipped.sh deq-small-nfgsm-rs   # one recipe (its transfers too, where the sources exist)
 #   OMP_NUM_THREADS=1 DEFENDED_N=0 bash training/evaluate_shipped.sh   # one core, beside a training run; no defended run
 #   SHARDS=2 bash training/evaluate_shipped.sh deq-small-nfgsm-rs-long   # a new evaluation as 2 shards at once, one core each
+#   AUTOATTACK=0 bash training/evaluate_shipped.sh deq-small-nfgsm-rs-100  # everything but the reference AutoAttack (hours)
 # Full runs live in runs/eval/<recipe>; the report, plots, results and robustness card are
 # copied next to each checkpoint (training/shipped/<recipe>/). A recipe without a model.pt
 # (not trained yet) is skipped with a note.
@@ -34,6 +35,10 @@ DEFENDED_BATCHES="--block 100 --batch-size 100"
 # whole-subset families (analyses, checks) in one process. A recipe evaluated this way has a
 # fixed --block in its flags, so that every later pass (transfers, resuming) matches it.
 SHARDS=${SHARDS:-1}
+
+# AUTOATTACK=0 leaves out the reference AutoAttack pass of the long-budget pair (below; several
+# core-hours each), for example to compare a new run with the suite's figures first
+AUTOATTACK=${AUTOATTACK:-1}
 
 # the flags of each recipe's evaluation (the transfer pass must repeat them to resume it)
 flags() {
@@ -115,7 +120,7 @@ asked() { [[ " ${recipes[*]} " == *" $1 "* ]]; }
 # pair, as one more family of the same run: it joins their per-sample worst case. Several
 # core-hours each on 2 cores (APGD-T and FAB-T with 9 targets, Square with 5,000 queries)
 for recipe in deq-small-nfgsm-rs-100 resnet-peer-nfgsm-long; do
-    if asked "$recipe" && [ -f "runs/eval/$recipe/results.json" ]; then
+    if [ "$AUTOATTACK" != 0 ] && asked "$recipe" && [ -f "runs/eval/$recipe/results.json" ]; then
         evaluate "$recipe" --attacks autoattack
     fi
 done
