@@ -282,6 +282,10 @@ def test_each_finished_job_logs_one_line(tiny_evaluation, tmp_path, capsys):
     (tmp_path / "state.json").write_text(json.dumps(state))
     Evaluator(str(SHIPPED), str(tmp_path), EvalConfig(**TINY), device="cpu", progress=False).run()
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("evaluate:")]
+    # a job of hours also says when it has saved a batch (it resumes there), but its last
+    batches = [line for line in lines if line.endswith("(saved)")]
+    assert len(batches) == 1 and re.fullmatch(r"evaluate: \d\d:\d\d:\d\d square: 12 of 24 images \(saved\)", batches[0])
+    lines = [line for line in lines if line not in batches]
     square = next(a for a in results["attacks"] if a["name"] == "square")
     assert len(lines) == 1 and re.fullmatch(
         rf"evaluate: \d\d:\d\d:\d\d square, accuracy {100 * square['acc']['acc']:.1f}%, "

@@ -64,3 +64,40 @@ def test_a_square_stronger_than_the_gradient_attacks_fails_the_masking_check(tmp
     assert square < clean  # Square broke images
     assert checks["square_vs_white_box"] == {"square": square, "white_box_worst": clean}
     assert checks["verdicts"][SQUARE_CHECK] is False
+
+
+class _Interrupted(Exception):
+    """Stands for the kill of a long run (a time limit, Ctrl-C) in the middle of a job."""
+
+
+def test_an_interrupted_long_job_resumes_at_its_next_batch(tmp_path, monkeypatch):
+    """A job of hours (Square here; AutoAttack, APGD and the defended chain's APGD-T and Square
+    alike) keeps its finished batches: stopped during its second batch, the rerun computes only
+    the batches that were missing and ends with exactly what an uninterrupted run computes."""
+    from pyautoattack.square import SquareAttack
+
+    from robustdeq.evaluation.job_store import PARTIAL_FILE
+
+    config = EvalConfig(**{**TINY, "n": 12, "batch_size": 4, "square_queries": 20, "defenses": (),
+                           "families": ("square",)})  # fmt: skip
+    whole = Evaluator(str(SHIPPED), str(tmp_path / "whole"), config, device="cpu", progress=False).run()
+
+    perturb, calls = SquareAttack.perturb, []
+
+    def counted(self, x, y=None):
+        calls.append(len(x))
+        if stop_at and len(calls) == stop_at:
+            raise _Interrupted
+        return perturb(self, x, y)
+
+    monkeypatch.setattr(SquareAttack, "perturb", counted)
+    out, stop_at = tmp_path / "stopped", 2
+    with pytest.raises(_Interrupted):
+        Evaluator(str(SHIPPED), str(out), config, device="cpu", progress=False).run()
+    assert (out / PARTIAL_FILE).is_file()  # the first batch of Square is kept
+    calls.clear()
+    stop_at = 0
+    resumed = Evaluator(str(SHIPPED), str(out), config, device="cpu", progress=False).run()
+    assert calls == [4, 4]  # batches 2 and 3 of 3
+    assert resumed["per_sample"] == whole["per_sample"]
+    assert not (out / PARTIAL_FILE).exists()  # gone with the finished job

@@ -14,6 +14,7 @@ process computes for those images (:mod:`.shards`).
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -166,16 +167,43 @@ class EvaluationContext:
         """The seed of one batch of one job: by its first image's position in the whole subset."""
         return seed_of(self.config.seed, name, self.offset + int(chunk[0]))
 
-    def map(self, fn: Callable[[Tensor, Tensor, Tensor], Tensor], x_all: Tensor, idx: Tensor, desc: str, batch=None):
-        """Apply ``fn(idx_chunk, x, y) -> per-sample tensor`` over ``idx`` in batches."""
+    def map(
+        self,
+        fn: Callable[[Tensor, Tensor, Tensor], Tensor],
+        x_all: Tensor,
+        idx: Tensor,
+        desc: str,
+        batch=None,
+        resumable: bool = False,
+    ):
+        """Apply ``fn(idx_chunk, x, y) -> per-sample tensor`` over ``idx`` in batches. With
+        ``resumable`` (the attacks of hours, whose every batch is seeded on its own, and whose ``fn``
+        changes nothing but its output) each finished batch is saved, and a rerun after an
+        interruption takes the saved batches instead of computing them again: the same result,
+        batch for batch."""
         outs = []
+        saved = self.store.saved_batches(desc) if resumable else {}
         with self.bar(len(idx), desc) as bar:
             for chunk in self.chunks(idx, batch):
-                x = x_all[chunk].to(self.device)
-                y = self.y[chunk].to(self.device)
-                outs.append(fn(chunk, x, y).detach().cpu())
+                done = saved.get(int(chunk[0]))
+                if done is not None and torch.equal(done[0], chunk):
+                    outs.append(done[1])
+                else:
+                    x = x_all[chunk].to(self.device)
+                    y = self.y[chunk].to(self.device)
+                    outs.append(fn(chunk, x, y).detach().cpu())
+                    if resumable:
+                        self.store.save_batch(desc, chunk, outs[-1])
+                        self._log_batch(desc, sum(len(o) for o in outs), len(idx))
                 bar.update(len(chunk))
         return torch.cat(outs) if outs else torch.empty(0)
+
+    def _log_batch(self, desc: str, done: int, total: int) -> None:
+        """Without progress bars (a log), one line per saved batch of a long job but its last
+        (the job's own line follows)."""
+        if not self.progress and done < total:
+            print(f"evaluate: {time.strftime('%H:%M:%S')} {desc}: {done} of {total} images (saved)",
+                  file=sys.stderr, flush=True)  # fmt: skip
 
     def all_images(self) -> Tensor:
         """The indices of every image of this process."""
@@ -191,15 +219,17 @@ class EvaluationContext:
         """The tracker of ``setting``: ``none`` or the defense's name."""
         return "none" if setting is None else setting.name
 
-    def evaluate_candidates(self, setting: Optional[DefenseSetting], x_cand: Tensor, idx: Tensor, desc: str):
-        """Real predictions of ``setting`` on candidate inputs for samples ``idx``; updates
-        that setting's per-sample best. Returns the margins."""
+    def evaluate_candidates(
+        self, setting: Optional[DefenseSetting], x_cand: Tensor, idx: Tensor, desc: str, batch: Optional[int] = None
+    ):
+        """Real predictions of ``setting`` on candidate inputs for samples ``idx`` (in batches of
+        ``batch``); updates that setting's per-sample best. Returns the margins."""
         key = self.key(setting)
 
         def fn(chunk, x, y):
             return margin(self.logits(setting, x), y)
 
-        m = self.map(fn, x_cand, idx, desc) if len(idx) else torch.empty(0)
+        m = self.map(fn, x_cand, idx, desc, batch) if len(idx) else torch.empty(0)
         if len(idx):
             self.best[key].update(idx, x_cand[idx], m)
         return m

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import torch
 
-from ..attacks import margin, straight_through
+from ..attacks import straight_through
 from ..defense import DefenseSetting
 from ..stats import correct_string
 from .adaptive import UNROLL_BATCH, defended_logits, defended_surrogate_logits, gate_aware_loss
@@ -89,13 +89,10 @@ def adaptive_apgd_t(ctx: "EvaluationContext", d: DefenseSetting, mode: str) -> d
         )  # fmt: skip
 
         def fn(chunk, x, y):
-            adv = apgd.perturb(x, y)
-            with torch.no_grad():
-                m = margin(defended_logits(ctx.model, adv, d), y)
-            ctx.best[d.name].update(chunk, adv.cpu(), m.cpu())
-            return m
+            return apgd.perturb(x, y)
 
-        ctx.map(fn, ctx.x, idx, f"{d.name}/apgd-t-{mode}", UNROLL_BATCH if mode == "unroll" else None)
+        desc, batch = f"{d.name}/apgd-t-{mode}", UNROLL_BATCH if mode == "unroll" else None
+        _keep_strongest(ctx, d, ctx.map(fn, ctx.x, idx, desc, batch, resumable=True), idx, desc, batch)
     rec = _adaptive_record(ctx, d, f"apgd-t-{mode}", before, attack)
     rec["iterations"], rec["targets"] = c.defended_apgd_iters, c.defended_apgd_targets
     return rec
@@ -118,16 +115,23 @@ def defended_square(ctx: "EvaluationContext", d: DefenseSetting) -> dict:
 
         def fn(chunk, x, y):
             with torch.no_grad():
-                adv = sq.perturb(x, y)
-                m = margin(predict(adv), y)
-            ctx.best[d.name].update(chunk, adv.cpu(), m.cpu())
-            return m
+                return sq.perturb(x, y)
 
-        ctx.map(fn, ctx.x, idx, f"{d.name}/square")
+        desc = f"{d.name}/square"
+        _keep_strongest(ctx, d, ctx.map(fn, ctx.x, idx, desc, resumable=True), idx, desc)
     rec = _adaptive_record(ctx, d, "square", before, None)
     rec["queried"] = len(idx)
     rec["queries"] = c.defended_square_queries
     return rec
+
+
+def _keep_strongest(ctx: "EvaluationContext", d: DefenseSetting, adv, idx, desc: str, batch=None) -> None:
+    """Score a step's adversarial inputs (one per image of ``idx``) by the real defended pipeline
+    and keep each image's strongest input. The attack's batches stay free of side effects, so
+    that an interrupted step resumes from its saved batches (``EvaluationContext.map``)."""
+    x_cand = ctx.x.clone()
+    x_cand[idx] = adv
+    ctx.evaluate_candidates(d, x_cand, idx, desc, batch)
 
 
 def _adaptive_record(ctx: "EvaluationContext", d: DefenseSetting, mode: str, before: int, attack) -> dict:

@@ -2,7 +2,11 @@
 ``state.json`` and the per-sample best inputs in ``state.pt``, saved after each job so that an
 interrupted run continues where it stopped. A folder is resumed only by the same checkpoint,
 subset and settings; the attack families and the transfer sources may differ (each job is named
-and seeded on its own, so adding a family to a finished evaluation runs just its jobs)."""
+and seeded on its own, so adding a family to a finished evaluation runs just its jobs).
+
+Jobs of hours (the reference AutoAttack, Square, APGD) also keep their finished batches in
+``partial.pt`` while they run (:meth:`JobStore.save_batch`), so that an interrupted one resumes at
+its next batch; the file goes when the job finishes."""
 
 from __future__ import annotations
 
@@ -19,6 +23,8 @@ from .best_input import BestInput
 from .job_ids import utc_now
 
 STATE_FORMAT = 2  # 2: surrogate chosen on validation, block-aligned batches, shards
+#: the finished batches of the job that is running (:meth:`JobStore.save_batch`)
+PARTIAL_FILE = "partial.pt"
 
 __all__ = ["JobStore", "STATE_FORMAT"]
 
@@ -32,6 +38,7 @@ class JobStore:
         self.checkpoint, self.data = checkpoint, data
         self.jobs: Dict[str, dict] = {}
         self.best: Dict[str, BestInput] = {}
+        self._batches: Optional[Dict[str, Dict[str, list]]] = None  # the running job's, by map
 
     @classmethod
     def open(cls, out: Path, identity: dict, checkpoint: str, data: Optional[str], restart: bool) -> "JobStore":
@@ -39,6 +46,8 @@ class JobStore:
         written by another evaluation or an older state format."""
         store = cls(out, identity, checkpoint, data)
         path = out / "state.json"
+        if restart:
+            (out / PARTIAL_FILE).unlink(missing_ok=True)
         if restart or not path.exists():
             return store
         saved = json.loads(path.read_text())
@@ -95,8 +104,38 @@ class JobStore:
             result["finished"] = utc_now()
             self.jobs[name] = result
             self.save()
+            self._batches = {}
+            (self.out / PARTIAL_FILE).unlink(missing_ok=True)
             print(_job_line(name, result), file=sys.stderr, flush=True)
         return self.jobs[name]
+
+    # ---- the finished batches of a running job -----------------------------------------
+    def _identity_key(self) -> str:
+        return json.dumps(_without_families(self.identity), sort_keys=True)
+
+    def saved_batches(self, name: str) -> Dict[int, tuple]:
+        """The batches of map ``name`` that the running job finished before it was interrupted:
+        first index -> (the batch's indices, its output). Only for this evaluation's identity."""
+        if self._batches is None:
+            self._batches = {}
+            path = self.out / PARTIAL_FILE
+            if path.exists():
+                saved = torch.load(path, map_location="cpu", weights_only=True)
+                if saved.get("identity") == self._identity_key():
+                    self._batches = saved["maps"]
+        done = self._batches.get(name, {"indices": [], "outputs": []})
+        return {int(i[0]): (i, o) for i, o in zip(done["indices"], done["outputs"])}
+
+    def save_batch(self, name: str, indices: torch.Tensor, output: torch.Tensor) -> None:
+        """Keep one finished batch of map ``name``. The per-sample best inputs stay as they were
+        when the job began, so that a resumed job starts from the same state."""
+        self.saved_batches(name)  # loads what an earlier process left
+        done = self._batches.setdefault(name, {"indices": [], "outputs": []})
+        done["indices"].append(indices.clone())
+        done["outputs"].append(output.clone())
+        tmp = self.out / (PARTIAL_FILE + ".tmp")
+        torch.save({"identity": self._identity_key(), "maps": self._batches}, tmp)
+        os.replace(tmp, self.out / PARTIAL_FILE)
 
 
 def _job_line(name: str, result: dict) -> str:

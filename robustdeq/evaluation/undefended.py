@@ -98,7 +98,7 @@ def apgd_adv(kind: str) -> MakeAdversarial:
         def fn(chunk, x, y):
             return apgd.perturb(x, y)
 
-        return ctx.map(fn, ctx.x, ctx.all_images(), name)
+        return ctx.map(fn, ctx.x, ctx.all_images(), name, resumable=True)
 
     return make
 
@@ -133,7 +133,7 @@ def autoattack_adv(ctx: "EvaluationContext", name: str) -> Tensor:
         x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=len(x))
         return x_adv
 
-    return ctx.map(fn, ctx.x, ctx.all_images(), name)
+    return ctx.map(fn, ctx.x, ctx.all_images(), name, resumable=True)
 
 
 def square_adv(ctx: "EvaluationContext", name: str) -> Tensor:
@@ -151,7 +151,7 @@ def square_adv(ctx: "EvaluationContext", name: str) -> Tensor:
         with torch.no_grad():
             return sq.perturb(x, y)
 
-    return ctx.map(fn, ctx.x, ctx.all_images(), name)
+    return ctx.map(fn, ctx.x, ctx.all_images(), name, resumable=True)
 
 
 # ---- scoring and transfer ----------------------------------------------------------------
