@@ -34,6 +34,9 @@ if TYPE_CHECKING:  # pragma: no cover
 # The full unroll keeps a second-order graph of all N / T_f * R entropy steps alive (about
 # 100 MB per image for deq-tiny at T_f = 2, R = 10), so it runs in batches of this size.
 UNROLL_BATCH = 25
+# Square through the defended pipeline costs minutes of CPU per image (its 1,000 queries each run
+# Algorithm 1), so it runs in batches this small: a long run that stops resumes at the next batch.
+DEFENDED_SQUARE_BATCH = 10
 
 __all__ = [
     "UNROLL_BATCH",

@@ -11,7 +11,7 @@ import torch
 from ..attacks import straight_through
 from ..defense import DefenseSetting
 from ..stats import correct_string
-from .adaptive import UNROLL_BATCH, defended_logits, defended_surrogate_logits, gate_aware_loss
+from .adaptive import DEFENDED_SQUARE_BATCH, UNROLL_BATCH, defended_logits, defended_surrogate_logits, gate_aware_loss
 from .context import Job, proportion
 from .measures import per_sample_ce
 from .surrogate import strongest_intermediate
@@ -117,8 +117,8 @@ def defended_square(ctx: "EvaluationContext", d: DefenseSetting) -> dict:
             with torch.no_grad():
                 return sq.perturb(x, y)
 
-        desc = f"{d.name}/square"
-        _keep_strongest(ctx, d, ctx.map(fn, ctx.x, idx, desc, resumable=True), idx, desc)
+        desc, batch = f"{d.name}/square", DEFENDED_SQUARE_BATCH
+        _keep_strongest(ctx, d, ctx.map(fn, ctx.x, idx, desc, batch, resumable=True), idx, desc, batch)
     rec = _adaptive_record(ctx, d, "square", before, None)
     rec["queried"] = len(idx)
     rec["queries"] = c.defended_square_queries
