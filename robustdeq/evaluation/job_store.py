@@ -113,9 +113,9 @@ class JobStore:
     def _identity_key(self) -> str:
         return json.dumps(_without_families(self.identity), sort_keys=True)
 
-    def saved_batches(self, name: str) -> Dict[int, tuple]:
-        """The batches of map ``name`` that the running job finished before it was interrupted:
-        first index -> (the batch's indices, its output). Only for this evaluation's identity."""
+    def _running_batches(self) -> Dict[str, Dict[str, list]]:
+        """The running job's finished batches, by map: loaded once from what an interrupted process
+        left, and only if it was this evaluation's."""
         if self._batches is None:
             self._batches = {}
             path = self.out / PARTIAL_FILE
@@ -123,14 +123,18 @@ class JobStore:
                 saved = torch.load(path, map_location="cpu", weights_only=True)
                 if saved.get("identity") == self._identity_key():
                     self._batches = saved["maps"]
-        done = self._batches.get(name, {"indices": [], "outputs": []})
+        return self._batches
+
+    def saved_batches(self, name: str) -> Dict[int, tuple]:
+        """The batches of map ``name`` that the running job finished before it was interrupted:
+        first index -> (the batch's indices, its output)."""
+        done = self._running_batches().get(name, {"indices": [], "outputs": []})
         return {int(i[0]): (i, o) for i, o in zip(done["indices"], done["outputs"])}
 
     def save_batch(self, name: str, indices: torch.Tensor, output: torch.Tensor) -> None:
         """Keep one finished batch of map ``name``. The per-sample best inputs stay as they were
         when the job began, so that a resumed job starts from the same state."""
-        self.saved_batches(name)  # loads what an earlier process left
-        done = self._batches.setdefault(name, {"indices": [], "outputs": []})
+        done = self._running_batches().setdefault(name, {"indices": [], "outputs": []})
         done["indices"].append(indices.clone())
         done["outputs"].append(output.clone())
         tmp = self.out / (PARTIAL_FILE + ".tmp")
